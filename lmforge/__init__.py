@@ -1,0 +1,18 @@
+"""lmforge: the modern decoder-only LLM stack (Llama 3, Qwen 2.5, GLM-4) in readable, exact PyTorch."""
+
+from lmforge.checkpoint import load_pretrained, save_pretrained
+from lmforge.config import ModelConfig, RopeScaling, list_presets
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LmforgeError",
+    "ModelConfig",
+    "RopeScaling",
+    "Transformer",
+    "list_presets",
+    "load_pretrained",
+    "save_pretrained",
+]

@@ -1,0 +1,261 @@
+"""The decoder shared by Llama 3, Qwen 2.5 and GLM-4, in one file.
+
+    x = embed(ids)
+    per layer:  x = x + [norm](Attn(RMSNorm(x)));  x = x + [norm](MLP(RMSNorm(x)))
+    logits = lm_head(RMSNorm(x))
+
+The families differ only in the config fields named in REFERENCE.md section 1 (q/k/v and o bias, RoPE
+layout and partial rotary dims, GLM-4-0414's extra norms on each sub-layer's output, tied embeddings).
+The model maps token ids to logits and nothing else: loss, sampling, LoRA and parallelism are applied
+from outside.
+
+Shape letters: B batch, T new tokens, S key/value slots (past + new), h hidden, H query heads,
+K kv heads, G = H/K query heads per kv head, D head_dim, I ffn size, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.rope import RotaryEmbedding, apply_rope
+
+
+class Cache(Protocol):
+    """What the model needs from a KV cache (lmforge.generate.kv_cache.KVCache implements it)."""
+
+    length: int  # slots already filled before this forward
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, K, T, D] at slots [length, length+T); return all filled slots [B, K, S, D]."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): statistics in fp32, cast back, then scale.
+
+    The order (cast to the input dtype BEFORE multiplying by the weight) is the reference's; in bf16 the
+    other order gives different results."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023): H query heads share K kv heads; scale D**-0.5."""
+
+    def __init__(self, c: ModelConfig, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.interleaved = c.rope_interleaved
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        q = apply_rope(q, cos, sin, self.interleaved)
+        k = apply_rope(k, cos, sin, self.interleaved)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # [B, K, S, D]
+        if T == 1 and H != K:
+            # One query token: fold the G query heads of each kv head into the query-length axis, so
+            # attention runs on K heads without copying the cache G times.
+            q = q.view(B, K, H // K, D)  # [B, K, G, D]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, K, G, D]
+            y = y.reshape(B, 1, H * D)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=H != K
+            )  # [B, H, T, D]
+            y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, c: ModelConfig, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias, dtype=dtype)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer; GLM-4-0414 also normalises each sub-layer's output."""
+
+    def __init__(self, c: ModelConfig, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(c.hidden_size, c.norm_eps, dtype)
+        self.attn = Attention(c, dtype)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.norm_eps, dtype)
+        self.mlp = MLP(c, dtype)
+        self.attn_out_norm = RMSNorm(c.hidden_size, c.norm_eps, dtype) if c.post_sublayer_norms else None
+        self.mlp_out_norm = RMSNorm(c.hidden_size, c.norm_eps, dtype) if c.post_sublayer_norms else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        a = self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        if self.attn_out_norm is not None:
+            a = self.attn_out_norm(a)
+        x = x + a
+        m = self.mlp(self.mlp_norm(x))
+        if self.mlp_out_norm is not None:
+            m = self.mlp_out_norm(m)
+        return x + m
+
+
+class Transformer(nn.Module):
+    """Token ids [B, T] -> logits [B, T, V].
+
+    Built on the meta device (no memory), then either initialised here (std `initializer_range`, norms
+    1, biases 0) or, with `device="meta"`, left empty for a loader to fill with
+    `load_state_dict(..., assign=True)`.
+    """
+
+    def __init__(
+        self, config: ModelConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.config = c = config
+        with torch.device("meta"):
+            self.embed = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id, dtype=dtype)
+            self.layers = nn.ModuleList(Block(c, dtype) for _ in range(c.num_layers))
+            self.norm = RMSNorm(c.hidden_size, c.norm_eps, dtype)
+            self.lm_head = None if c.tie_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype)
+        self.rope = RotaryEmbedding(c)
+        if str(device) != "meta":
+            self.to_empty(device=device or "cpu")
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) for matrices and embeddings, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The [V, h] matrix that produces logits (the embedding itself when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (only the last `logits_to_keep` positions when it is > 0).
+
+        position_ids: [B, T] or [T]; default past+0 .. past+T-1. Given without a mask and without a cache,
+            a position that does not follow its predecessor starts a new document (packed sequences):
+            attention is then block-diagonal causal, as in transformers.
+        attention_mask: [B, S] with 1 for real tokens and 0 for padding (S = past + T), or a boolean
+            [B, 1, T, S] "may attend" mask used as given (e.g. GLM's prefix-bidirectional mask).
+        cache: a KV cache (see `Cache`); the new keys/values are appended to it.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)
+            user_positions = False
+        else:
+            user_positions = True
+        position_ids = position_ids.expand(B, T) if position_ids.dim() == 1 else position_ids
+        packed = user_positions and attention_mask is None and cache is None
+        mask = build_attention_mask(attention_mask, position_ids if packed else None, T, past)
+
+        x = self.embed(input_ids)  # [B, T, h]
+        cos, sin = self.rope(position_ids, x.dtype)  # [B, 1, T, R]
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length = past + T
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        return F.linear(self.norm(x), self.output_weight)  # [B, T, V]
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, packed_positions: torch.Tensor | None, T: int, past: int
+) -> torch.Tensor | None:
+    """A boolean "may attend" mask [B, 1, T, S], or None when plain causal attention suffices.
+
+    Causal means query t (slot past+t) sees slots <= past+t. A padding mask removes padded slots; packed
+    positions (a position that is not its predecessor + 1 starts a new document) keep each token inside
+    its document. A query row with nothing left to attend to (a padding token) attends to every slot
+    instead, so that it yields finite garbage rather than NaN.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
+    S = past + T
+    if attention_mask is None and packed_positions is None and past == 0:
+        return None  # SDPA's is_causal fast path
+    if attention_mask is None and packed_positions is None and T == 1:
+        return None  # one new token sees the whole cache
+    device = (
+        attention_mask.device
+        if attention_mask is not None
+        else (packed_positions.device if packed_positions is not None else None)
+    )
+    q_slot = torch.arange(past, S, device=device)[:, None]
+    k_slot = torch.arange(S, device=device)[None, :]
+    allowed = (k_slot <= q_slot)[None, None]  # [1, 1, T, S]
+    if packed_positions is not None:
+        first = packed_positions[:, :1] - 1
+        doc = (torch.diff(packed_positions, prepend=first, dim=-1) != 1).cumsum(-1)  # [B, T]
+        if attention_mask is None and not bool(doc[:, -1].any()):
+            return None  # no document boundary anywhere: plain causal
+        allowed = allowed & (doc[:, None, :, None] == doc[:, None, None, :])  # [B, 1, T, S]
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} slots, expected past+T = {S}")
+        allowed = allowed & attention_mask.bool()[:, None, None, :]  # [B, 1, T, S]
+    return allowed | ~allowed.any(-1, keepdim=True)

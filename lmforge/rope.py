@@ -1,0 +1,171 @@
+"""Rotary position embeddings (Su et al. 2021, arXiv 2104.09864) and their scaling variants.
+
+Frequencies are computed in fp32 with the same expressions as transformers' `modeling_rope_utils.py`,
+so that cos/sin (and therefore logits) match the reference bit for bit; REFERENCE.md section 1 has the
+formulas. Two layouts exist: Llama/Qwen rotate the two halves of the head against each other
+("rotate-half"), GLM rotates adjacent pairs (0,1),(2,3),... and only the first `rotary_dim` dims.
+
+Shape letters: B batch, T tokens, N heads, D head_dim, R rotary dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmforge.config import ModelConfig
+
+
+def _exponents(dim: int, device: torch.device | None) -> torch.Tensor:
+    """2i/dim for i < dim/2, fp32, built the way the reference builds it."""
+    return torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+
+
+def rope_frequencies(
+    config: ModelConfig, seq_len: int | None = None, device: torch.device | None = None
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [R/2] (fp32) and the cos/sin multiplier, for sequences of `seq_len` tokens.
+
+    `seq_len` matters only for the length-dependent variants (dynamic NTK and longrope).
+    """
+    dim, base, s = config.rotary_dim, config.rope_theta, config.rope_scaling
+    if s is None:
+        return 1.0 / (base ** _exponents(dim, device)), 1.0
+
+    if s.rope_type == "linear":
+        return 1.0 / (base ** _exponents(dim, device)) / s.factor, 1.0
+
+    if s.rope_type == "dynamic":
+        # NTK-aware base stretch once the sequence outgrows max_position_embeddings. Above the limit the
+        # reference computes the new base in fp32 tensor arithmetic; we do the same to match it exactly.
+        max_pos = config.max_position_embeddings
+        if seq_len is not None and seq_len > max_pos:
+            seq = torch.tensor(seq_len, device=device)
+            base = base * ((s.factor * seq / max_pos) - (s.factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base ** _exponents(dim, device)), 1.0
+
+    if s.rope_type == "llama3":
+        inv_freq = 1.0 / (base ** _exponents(dim, device))
+        orig = s.original_max_position_embeddings
+        low_wavelen = orig / s.low_freq_factor
+        high_wavelen = orig / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are interpolated by `factor`, short ones kept, the band between blended.
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+
+    if s.rope_type == "yarn":
+        return _yarn(config, device)
+
+    assert s.rope_type == "longrope", s.rope_type
+    orig = s.original_max_position_embeddings
+    factor = s.factor if s.factor is not None else config.max_position_embeddings / orig
+    attention_factor = s.attention_factor
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    ext = s.long_factor if seq_len is not None and seq_len > orig else s.short_factor
+    ext_t = torch.tensor(ext, dtype=torch.float32, device=device)
+    return 1.0 / (ext_t * base ** _exponents(dim, device)), attention_factor
+
+
+def _yarn(config: ModelConfig, device: torch.device | None) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023, arXiv 2309.00071): interpolate low frequencies, keep high ones."""
+    s = config.rope_scaling
+    assert s is not None
+    dim, base, factor = config.rotary_dim, config.rope_theta, s.factor
+    orig = s.original_max_position_embeddings
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = s.attention_factor
+    if attention_factor is None:
+        if s.mscale and s.mscale_all_dim:
+            attention_factor = float(mscale(factor, s.mscale) / mscale(factor, s.mscale_all_dim))
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(s.beta_fast or 32), correction_dim(s.beta_slow or 1)
+    if s.truncate is None or s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # the reference's guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(device)
+
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp
+    return interpolation * (1 - keep) + extrapolation * keep, attention_factor
+
+
+class RotaryEmbedding:
+    """cos/sin tables for given positions. Not an nn.Module on purpose: the fp32 frequencies must not be
+    cast by `model.to(torch.bfloat16)` (a bf16 inv_freq changes results), so they live outside the
+    module's buffers and are recomputed for whichever device the activations are on."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.length_dependent = config.rope_scaling is not None and config.rope_scaling.rope_type in (
+            "dynamic",
+            "longrope",
+        )
+        self._cache: dict[tuple[torch.device, int | None], tuple[torch.Tensor, float]] = {}
+
+    def _frequencies(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        seq_len = None
+        if self.length_dependent:
+            seq_len = int(position_ids.max()) + 1
+            s = self.config.rope_scaling
+            assert s is not None
+            # Only whether the limit is exceeded matters for longrope; dynamic depends on the exact length.
+            limit = (
+                s.original_max_position_embeddings
+                if s.rope_type == "longrope"
+                else (self.config.max_position_embeddings)
+            )
+            if seq_len <= limit:
+                seq_len = None
+            elif s.rope_type == "longrope":
+                seq_len = limit + 1
+        key = (position_ids.device, seq_len)
+        if key not in self._cache:
+            if len(self._cache) > 8:
+                self._cache.clear()
+            self._cache[key] = rope_frequencies(self.config, seq_len, position_ids.device)
+        return self._cache[key]
+
+    def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, T] -> cos, sin [B, 1, T, R] in `dtype`, laid out for `apply_rope`."""
+        inv_freq, scale = self._frequencies(position_ids)
+        freqs = position_ids[..., None].float() * inv_freq  # [B, T, R/2]
+        if self.config.rope_interleaved:
+            emb = freqs.repeat_interleave(2, dim=-1)  # pair i uses frequency i
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * scale).to(dtype)
+        sin = (emb.sin() * scale).to(dtype)
+        return cos[:, None], sin[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first R dims of x [B, N, T, D] by the angles in cos/sin [B, 1, T, R]."""
+    rot_dim = cos.shape[-1]
+    x_rot = x[..., :rot_dim] if rot_dim < x.shape[-1] else x
+    if interleaved:
+        rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    out = x_rot * cos + rotated * sin
+    if rot_dim < x.shape[-1]:
+        out = torch.cat((out, x[..., rot_dim:]), dim=-1)
+    return out
