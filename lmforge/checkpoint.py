@@ -106,6 +106,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
+    if single.is_file():  # transformers also prefers it when an index lies beside it
+        from safetensors import safe_open
+
+        with _open_safetensors(single, safe_open) as f:
+            return dict.fromkeys(f.keys(), single)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -116,11 +121,6 @@ def _weight_files(path: Path) -> dict[str, Path]:
             if not f.is_file():
                 raise LmforgeError(f"{index} lists {f.name}, which is missing; copy the missing shard into {path}.")
         return files
-    if single.is_file():
-        from safetensors import safe_open
-
-        with _open_safetensors(single, safe_open) as f:
-            return dict.fromkeys(f.keys(), single)
     if list(path.glob("*.bin")):
         raise LmforgeError(
             f"{path} holds PyTorch .bin weights; lmforge reads safetensors. Convert them once with transformers "
@@ -150,6 +150,9 @@ def load_pretrained(
     path = Path(path)
     config = ModelConfig.from_hf(read_hf_config(path))
     files = _weight_files(path)
+    if config.tie_embeddings and "lm_head.weight" in files and not _same_tensor(files, "lm_head.weight", safe_open):
+        # transformers uses a stored head that differs from the embedding instead of tying; so do we.
+        config = config.replace(tie_embeddings=False)
     with torch.device("meta"):
         model = Transformer(config, device="meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -196,6 +199,16 @@ def load_pretrained(
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     return model.to(device) if str(device) != "cpu" else model
+
+
+def _same_tensor(files: dict[str, Path], name: str, safe_open: Any) -> bool:
+    """Whether tensor `name` equals the token embedding (a tied head saved redundantly)."""
+    embed = "model.embed_tokens.weight"
+    if embed not in files:
+        return True  # reported as missing later
+    with _open_safetensors(files[name], safe_open) as a, _open_safetensors(files[embed], safe_open) as b:
+        x, y = a.get_tensor(name), b.get_tensor(embed)
+        return x.shape == y.shape and bool(torch.equal(x, y))
 
 
 def _mismatch_message(path: Path, missing: list[str], unexpected: list[str]) -> str:
@@ -277,7 +290,7 @@ def save_pretrained(
     crash never leaves a half-written checkpoint in place of a good one. Files already in `path` that are
     not weights or configs (a tokenizer, a README) are kept.
     """
-    path = Path(path)
+    path = Path(path).resolve()
     limit = _parse_size(max_shard_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
@@ -350,7 +363,11 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
                     shutil.copy2(item, tmp / item.name)
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)  # put the previous checkpoint back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)

@@ -164,6 +164,14 @@ class ModelConfig:
         for tok in self.eos_token_id:
             if not 0 <= tok < self.vocab_size:
                 raise LmforgeError(f"eos_token_id {tok} is outside the vocabulary [0, {self.vocab_size}).")
+        s = self.rope_scaling
+        if s is not None and s.rope_type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(s, name)) != rot // 2:
+                    raise LmforgeError(
+                        f"rope_scaling.{name} has {len(getattr(s, name))} values; it needs one per rotary frequency, "
+                        f"rotary_dim/2 = {rot // 2}."
+                    )
         if self.dtype not in DTYPES:
             raise LmforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         if self.family not in FAMILIES:

@@ -96,16 +96,17 @@ def _rope_from_hf(hf: dict[str, Any], family: str) -> tuple[float, float, RopeSc
     if partial is None:
         partial = hf.get("partial_rotary_factor", DEFAULTS[family].get("partial_rotary_factor", 1.0))
     rope_type = params.pop("rope_type", "default")
-    if rope_type == "default":
-        return float(theta), float(partial), None
     if rope_type in ("llama3", "yarn", "longrope"):
         if "original_max_position_embeddings" in hf:
             params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
         params.setdefault("original_max_position_embeddings", _get(hf, family, "max_position_embeddings"))
     try:
-        return float(theta), float(partial), RopeScaling.from_dict({"rope_type": rope_type, **params})
-    except TypeError as e:
-        raise LmforgeError(f"config.json rope settings are invalid ({e}); fix rope_parameters.") from None
+        theta, partial = float(theta), float(partial)
+        if rope_type == "default":
+            return theta, partial, None
+        return theta, partial, RopeScaling.from_dict({"rope_type": rope_type, **params})
+    except (TypeError, ValueError) as e:
+        raise LmforgeError(f"config.json rope settings are invalid ({e}); fix rope_theta / rope_parameters.") from None
 
 
 def _get(hf: dict[str, Any], family: str, key: str) -> Any:

@@ -1,0 +1,1 @@
+"""The `lmforge` subcommands, one module per area; each registers itself with `lmforge.cli.command`."""
