@@ -4,6 +4,7 @@ from lmforge.checkpoint import load_pretrained, save_pretrained
 from lmforge.config import ModelConfig, RopeScaling, list_presets
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "LmforgeError",
     "ModelConfig",
     "RopeScaling",
+    "Tokenizer",
     "Transformer",
     "list_presets",
     "load_pretrained",
