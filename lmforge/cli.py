@@ -26,7 +26,9 @@ def command(
 # --- entry point -----------------------------------------------------------------------------------
 def _register_commands() -> None:
     """Import the command modules; each registers its commands with `@command` on import."""
-    import lmforge.commands.model  # noqa: F401
+    import lmforge.commands.data
+    import lmforge.commands.model
+    import lmforge.commands.train  # noqa: F401
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Decoding: KV cache, logits processors, sampling, beam search, speculative decoding, streaming."""

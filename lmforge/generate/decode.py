@@ -1,0 +1,142 @@
+"""Greedy and sampled decoding over an explicit KV cache: prefill, then one token at a time.
+
+Prompts of different lengths are left-padded into one batch: each row gets position ids that start at 0
+at its first real token and an attention mask that hides its padding, so every row decodes exactly as
+it would alone.
+
+Shape letters: B batch, P padded prompt length, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.generate.kv_cache import KVCache
+from lmforge.model import Transformer
+
+
+@dataclass
+class Prompts:
+    """A left-padded batch of prompts."""
+
+    input_ids: torch.Tensor  # [B, P], pad slots hold 0
+    attention_mask: torch.Tensor  # [B, P], 1 for real tokens
+    lengths: list[int]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> Prompts:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LmforgeError("empty prompt: give at least one token (e.g. the BOS token) per prompt.")
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return Prompts(ids, mask, [len(p) for p in prompts])
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, S] that count real tokens only (padding slots get 0), as transformers does."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class Decoder:
+    """Holds the cache and masks of one batch; `prefill` once, then `step` once per new token."""
+
+    def __init__(self, model: Transformer, prompts: Prompts, max_new_tokens: int) -> None:
+        c = model.config
+        total = prompts.input_ids.shape[1] + max_new_tokens
+        if total > c.max_position_embeddings:
+            raise LmforgeError(
+                f"prompt ({prompts.input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's context of {c.max_position_embeddings} tokens; shorten the prompt or generate less."
+            )
+        self.model = model
+        dtype = next(model.parameters()).dtype
+        self.cache = KVCache(c, prompts.input_ids.shape[0], total, dtype, prompts.input_ids.device)
+        self.mask = prompts.attention_mask
+        self.padded = bool((prompts.attention_mask == 0).any())
+        self.next_position = prompts.attention_mask.sum(-1, keepdim=True)  # [B, 1]
+        self.prompts = prompts
+
+    @torch.no_grad()
+    def prefill(self) -> torch.Tensor:
+        """Logits [B, V] for the token after each prompt."""
+        ids = self.prompts.input_ids
+        if self.padded:
+            logits = self.model(ids, positions_from_mask(self.mask), self.mask, self.cache, logits_to_keep=1)
+        else:
+            logits = self.model(ids, cache=self.cache, logits_to_keep=1)
+        return logits[:, -1].float()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [B] and return the logits [B, V] for the next position."""
+        if self.padded:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+            logits = self.model(tokens[:, None], self.next_position, self.mask, self.cache)
+        else:
+            logits = self.model(tokens[:, None], cache=self.cache)
+        self.next_position = self.next_position + 1
+        return logits[:, -1].float()
+
+
+def sample_next(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token per row: argmax, or a draw from the temperature/top-k/top-p filtered softmax."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=False)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def stream_tokens(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    seed: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [B], until max_new_tokens or every row has produced an EOS."""
+    if max_new_tokens <= 0:
+        raise LmforgeError(f"max_new_tokens must be positive, got {max_new_tokens}.")
+    device = next(model.parameters()).device
+    batch = left_pad(prompts, device)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=device)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    decoder = Decoder(model, batch, max_new_tokens)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    logits = decoder.prefill()
+    for i in range(max_new_tokens):
+        tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        yield tokens
+        finished |= torch.isin(tokens, eos)
+        if bool(finished.all()) or i == max_new_tokens - 1:
+            return
+        logits = decoder.step(tokens)

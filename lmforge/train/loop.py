@@ -1,0 +1,292 @@
+"""The one training loop, shared by pretraining and every fine-tuning objective.
+
+Per step: fetch `grad_accum` micro-batches, sum their losses divided by the step's total weight (so the
+gradient is the exact mean), clip, and step AdamW, unless the loss or gradient is not finite, in which
+case the step is skipped and counted. Logs every step to metrics.jsonl, evaluates and checkpoints on a
+schedule, and on Ctrl-C / SIGTERM finishes the step, saves and returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+from lmforge.progress import Progress
+from lmforge.train.checkpoints import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from lmforge.train.config import TrainConfig
+from lmforge.train.objectives import Objective, causal_lm
+from lmforge.train.optim import build_optimizer, lr_multiplier
+from lmforge.train.perf import matmul_peak_flops, training_flops_per_token
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    elapsed_s: float
+    final_loss: float
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    skipped_steps: int = 0
+    interrupted: bool = False
+    checkpoint: Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop:  # a second Ctrl-C: stop right away
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        forward = block.forward
+
+        def checkpointed(*args: Any, _forward: Callable = forward) -> torch.Tensor:
+            return checkpoint(_forward, *args, use_reentrant=False)
+
+        block.forward = checkpointed  # type: ignore[method-assign]
+
+
+@torch.no_grad()
+def evaluate(
+    model: Transformer,
+    batches: Iterator[dict[str, torch.Tensor]],
+    objective: Objective = causal_lm,
+    token_bytes: torch.Tensor | None = None,
+    max_batches: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean loss over the batches, and bits per byte when the byte length of each token is known."""
+    was_training = model.training
+    model.eval()
+    loss_sum, weight, nbytes = 0.0, 0.0, 0
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        with _autocast(autocast_dtype):
+            out = objective(model, batch)
+        loss_sum += float(out.loss_sum)
+        weight += float(out.weight)
+        if token_bytes is not None:
+            labels = batch["labels"]
+            nbytes += int(token_bytes[labels.clamp(min=0)][labels >= 0].sum())
+    model.train(was_training)
+    if weight == 0:
+        raise LmforgeError("the validation data produced no tokens to score; give more validation text.")
+    result = {"val_loss": loss_sum / weight}
+    if nbytes:
+        result["val_bpb"] = loss_sum / math.log(2) / nbytes
+    return result
+
+
+def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
+
+
+def train(
+    model: Transformer,
+    batches: Any,
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    objective: Objective = causal_lm,
+    val_batches: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None,
+    token_bytes: torch.Tensor | None = None,
+    tokenizer_dir: Path | None = None,
+    resume_from: Path | None = None,
+    progress: bool = True,
+    extra_state: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train `model` in place on `batches` (an iterator with state_dict/load_state_dict for exact resume).
+
+    run_dir receives metrics.jsonl and checkpoints/; `resume_from` is a checkpoint whose weights the model
+    already holds: the optimizer, data position, RNG and step counters are restored from it.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    model.train()
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, cfg.decay_embeddings)
+    start_step, tokens_seen, skipped, elapsed_before = 0, 0, 0, 0.0
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        if hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        start_step, tokens_seen = state["step"], state["tokens"]
+        skipped, elapsed_before = state["skipped_steps"], state["elapsed_s"]
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    step_model = torch.compile(model) if cfg.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    flops_per_token = training_flops_per_token(model.config, cfg.seq_len)
+    peak = matmul_peak_flops(autocast_dtype or torch.float32)
+    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    history: list[dict[str, Any]] = []
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+    t_start = time.perf_counter() - elapsed_before
+    last_loss, bad_in_a_row, step = float("nan"), 0, start_step
+    val: dict[str, float] = {}
+    interrupted = False
+
+    def log(record: dict[str, Any]) -> None:
+        history.append(record)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    def checkpoint(at_step: int) -> Path:
+        state = {
+            "step": at_step,
+            "tokens": tokens_seen,
+            "skipped_steps": skipped,
+            "elapsed_s": time.perf_counter() - t_start,
+            "optimizer": optimizer.state_dict(),
+            "loader": batches.state_dict() if hasattr(batches, "state_dict") else {},
+            "rng": rng_state(),
+            "train_config": cfg.to_dict(),
+            **(extra_state or {}),
+        }
+        return save_checkpoint(run_dir, at_step, model, state, tokenizer_dir, cfg.keep_last)
+
+    def run_eval(at_step: int) -> None:
+        nonlocal val
+        if val_batches is None:
+            return
+        val = evaluate(model, val_batches(), objective, token_bytes, cfg.eval_batches, autocast_dtype)
+        log({"step": at_step, **val})
+
+    bar = Progress(cfg.steps if budget_s is None else None, "train", unit="step", enabled=progress)
+    bar.done = start_step
+    ckpt_path: Path | None = None
+    with _StopFlag() as stop, bar:
+        while step < cfg.steps:
+            elapsed = time.perf_counter() - t_start
+            if budget_s is not None and elapsed >= budget_s:
+                break
+            progress_frac = (step - warmup) / max(cfg.steps - warmup, 1)
+            if budget_s is not None:
+                progress_frac = max(progress_frac, elapsed / budget_s)
+            lr = cfg.lr * lr_multiplier(step, progress_frac, warmup, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            step_tokens = sum(int(b["input_ids"].numel()) for b in micro)
+            outputs_sum, weight_sum = 0.0, 0.0
+            losses = []
+            for b in micro:
+                with _autocast(autocast_dtype):
+                    out = objective(step_model, b)
+                losses.append(out)
+                weight_sum += float(out.weight)
+            total_weight = max(weight_sum, 1.0)
+            for out in losses:
+                (out.loss_sum / total_weight).backward()
+                outputs_sum += float(out.loss_sum.detach())
+            del losses
+            loss = outputs_sum / total_weight
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                optimizer.step()
+                bad_in_a_row = 0
+                last_loss = loss
+            else:
+                skipped += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise LmforgeError(
+                        f"training diverged: {bad_in_a_row} steps in a row with a non-finite loss or gradient "
+                        f"(at step {step}); lower --lr, raise --warmup-steps or train in float32."
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += step_tokens
+            dt = time.perf_counter() - t0
+            tps = step_tokens / dt if dt > 0 else 0.0
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tps,
+                "mfu": tps * flops_per_token / peak,
+                "tokens": tokens_seen,
+                "elapsed_s": time.perf_counter() - t_start,
+                "skipped": not math.isfinite(loss + grad_norm),
+            }
+            log(record)
+            if budget_s is not None:  # the run ends on time: show the steps the budget will allow
+                bar.total = max(step, min(cfg.steps, round(step * budget_s / max(record["elapsed_s"], 1e-9))))
+            bar.update(
+                1,
+                loss=loss,
+                lr=f"{lr:.2e}",
+                gnorm=round(grad_norm, 3),
+                tok_s=int(tps),
+                mfu=f"{record['mfu']:.1%}",
+                **({"val_bpb": round(val["val_bpb"], 3)} if "val_bpb" in val else {}),
+            )
+
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                run_eval(step)
+            if stop.stop:
+                interrupted = True
+                break
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                ckpt_path = checkpoint(step)
+        run_eval(step)
+        ckpt_path = checkpoint(step)
+    metrics_file.close()
+    return TrainResult(
+        steps=step,
+        tokens=tokens_seen,
+        elapsed_s=time.perf_counter() - t_start,
+        final_loss=last_loss,
+        val_loss=val.get("val_loss"),
+        val_bpb=val.get("val_bpb"),
+        skipped_steps=skipped,
+        interrupted=interrupted,
+        checkpoint=ckpt_path,
+        history=history,
+    )

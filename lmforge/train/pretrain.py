@@ -1,0 +1,147 @@
+"""`lmforge pretrain`: a model (preset, config or checkpoint) + prepared shards -> a run directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoint import load_pretrained
+from lmforge.config import ModelConfig
+from lmforge.data.loader import PackedLoader, sequential_batches
+from lmforge.data.shards import TokenShards
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+from lmforge.plots import plot_training
+from lmforge.train.checkpoints import latest_checkpoint
+from lmforge.train.config import TrainConfig
+from lmforge.train.loop import TrainResult, train
+
+
+@dataclass
+class PretrainOutput:
+    result: TrainResult
+    run_dir: Path
+    model: Transformer
+    plot: Path | None
+
+
+def find_tokenizer_dir(data_dir: Path, tokenizer: str | Path | None) -> Path | None:
+    """The tokenizer to copy into checkpoints: the one given, or the one `lmforge prepare` stored."""
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if not (path / "tokenizer.json").is_file():
+            raise LmforgeError(f"{path} has no tokenizer.json; pass the directory a tokenizer was saved to.")
+        return path
+    stored = data_dir / "tokenizer"
+    return stored if (stored / "tokenizer.json").is_file() else None
+
+
+def build_model(spec: str, shards: TokenShards, tokenizer_dir: Path | None, seed: int) -> Transformer:
+    """Weights from a checkpoint directory, or a fresh model from a preset / config file whose vocabulary
+    and special ids are adapted to the data's tokenizer."""
+    path = Path(spec)
+    if path.is_dir():
+        model = load_pretrained(path, dtype=torch.float32)
+        if model.config.vocab_size < shards.vocab_size:
+            raise LmforgeError(
+                f"{spec} has a vocabulary of {model.config.vocab_size} but the data uses {shards.vocab_size} "
+                "token ids; prepare the data with this model's tokenizer."
+            )
+        return model
+    config = ModelConfig.from_spec(spec)
+    changes: dict = {"vocab_size": shards.vocab_size, "eos_token_id": (shards.eos_token_id,)}
+    if tokenizer_dir is not None:
+        from lmforge.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_pretrained(tokenizer_dir)
+        changes.update(
+            vocab_size=tok.vocab_size,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tuple(tok.stop_token_ids) or (shards.eos_token_id,),
+            pad_token_id=tok.pad_token_id if config.pad_token_id is not None else None,
+        )
+    config = config.replace(dtype="float32", **changes)
+    torch.manual_seed(seed)
+    return Transformer(config)
+
+
+def pretrain(
+    model_spec: str,
+    data_dir: str | Path,
+    run_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    tokenizer: str | Path | None = None,
+    progress: bool = True,
+) -> PretrainOutput:
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    shards = TokenShards(data_dir, "train")
+    val = TokenShards(data_dir, "val") if _has_split(data_dir, "val") else None
+    tokenizer_dir = find_tokenizer_dir(data_dir, tokenizer)
+
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if resume and ckpt is None:
+        raise LmforgeError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start a new run.")
+    if not resume and ckpt is not None:
+        raise LmforgeError(
+            f"{run_dir} already holds a run (latest checkpoint {ckpt.name}); pass --resume to continue it "
+            "or choose another --out."
+        )
+    model = (
+        load_pretrained(ckpt, dtype=torch.float32)
+        if ckpt is not None
+        else build_model(model_spec, shards, tokenizer_dir, cfg.seed)
+    )
+
+    loader = PackedLoader(shards, cfg.batch_size, cfg.seq_len, seed=cfg.seed, mask_documents=cfg.mask_documents)
+    token_bytes = None
+    if tokenizer_dir is not None:
+        from lmforge.tokenizer import Tokenizer
+
+        token_bytes = torch.as_tensor(Tokenizer.from_pretrained(tokenizer_dir).token_bytes(), dtype=torch.long)
+
+    def val_batches():  # a fresh pass over the validation split each time
+        assert val is not None
+        return sequential_batches(val, cfg.batch_size, cfg.seq_len)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(
+        json.dumps(
+            {
+                "model": model_spec,
+                "data": str(data_dir),
+                "tokenizer": str(tokenizer_dir) if tokenizer_dir else None,
+                "train": cfg.to_dict(),
+                "model_config": model.config.to_dict(),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    result = train(
+        model,
+        loader,
+        cfg,
+        run_dir,
+        val_batches=val_batches if val is not None and val.num_tokens > cfg.seq_len else None,
+        token_bytes=token_bytes,
+        tokenizer_dir=tokenizer_dir,
+        resume_from=ckpt,
+        progress=progress,
+    )
+    from lmforge.plots import read_metrics
+
+    plot = plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title=f"pretrain {model_spec}")
+    return PretrainOutput(result, run_dir, model, plot)
+
+
+def _has_split(data_dir: Path, split: str) -> bool:
+    index = data_dir / "index.json"
+    try:
+        return split in json.loads(index.read_text()).get("splits", {})
+    except (OSError, json.JSONDecodeError):
+        return False
