@@ -41,7 +41,25 @@ TINY_MODEL = {
 
 def corpus_texts() -> list[str]:
     """Repetitive English-like text with structure a tiny model can learn in a few dozen steps."""
-    words = ["the", "cat", "sat", "on", "a", "mat", "while", "the", "dog", "ran", "to", "the", "red", "door", "and", "back", "again"]
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "while",
+        "the",
+        "dog",
+        "ran",
+        "to",
+        "the",
+        "red",
+        "door",
+        "and",
+        "back",
+        "again",
+    ]
     return [" ".join(words[(i + j) % len(words)] for j in range(40 + i % 7)) + "." for i in range(60)]
 
 
