@@ -3,6 +3,7 @@
 from lmforge.checkpoint import load_pretrained, save_pretrained
 from lmforge.config import ModelConfig, RopeScaling, list_presets
 from lmforge.errors import LmforgeError
+from lmforge.generate.api import generate, generate_stream
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -14,6 +15,8 @@ __all__ = [
     "RopeScaling",
     "Tokenizer",
     "Transformer",
+    "generate",
+    "generate_stream",
     "list_presets",
     "load_pretrained",
     "save_pretrained",

@@ -88,12 +88,23 @@ class Attention(nn.Module):
             q = q.view(B, K, H // K, D)  # [B, K, G, D]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, K, G, D]
             y = y.reshape(B, 1, H * D)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=H != K
-            )  # [B, H, T, D]
+        elif q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # CPU autocast would run attention in bf16, whose SDPA kernels are slower on CPU than the fp32
+            # ones (forward + backward, measured: docs/LOG.md); fp32 is also the more exact choice.
+            with torch.autocast("cpu", enabled=False):
+                y = _sdpa(q.float(), k.float(), v.float(), mask)
             y = y.transpose(1, 2).reshape(B, T, H * D)
+        else:
+            y = _sdpa(q, k, v, mask).transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(y)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention of q [B, H, T, D] over k, v [B, K, S, D] -> [B, H, T, D]."""
+    T = q.shape[2]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 class MLP(nn.Module):
@@ -223,7 +234,11 @@ class Transformer(nn.Module):
             cache.length = past + T
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        return F.linear(self.norm(x), self.output_weight)  # [B, T, V]
+        return self.head(x)  # [B, T, V]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection: hidden states [B, T, h] -> logits [B, T, V]."""
+        return F.linear(self.norm(x), self.output_weight)
 
 
 def build_attention_mask(

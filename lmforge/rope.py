@@ -144,28 +144,35 @@ class RotaryEmbedding:
         return self._cache[key]
 
     def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, T] -> cos, sin [B, 1, T, R] in `dtype`, laid out for `apply_rope`."""
+        """position_ids [B, T] -> cos, signed sin [B, 1, T, R] in `dtype`, laid out for `apply_rope`.
+
+        The sin table carries the sign of the rotation (-sin on the dims that receive the negated
+        partner), computed once per forward for every layer, q and k; -(a*b) == a*(-b) exactly, so the
+        results are bit-identical to rotating with negated inputs as the reference does."""
         inv_freq, scale = self._frequencies(position_ids)
         freqs = position_ids[..., None].float() * inv_freq  # [B, T, R/2]
-        if self.config.rope_interleaved:
-            emb = freqs.repeat_interleave(2, dim=-1)  # pair i uses frequency i
-        else:
-            emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * scale).to(dtype)
-        sin = (emb.sin() * scale).to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        if scale != 1.0:
+            cos, sin = cos * scale, sin * scale
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        if self.config.rope_interleaved:  # pair i = dims (2i, 2i+1) uses frequency i
+            cos = cos.repeat_interleave(2, dim=-1)
+            sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+        else:  # dim i pairs with dim i + R/2
+            cos = torch.cat((cos, cos), dim=-1)
+            sin = torch.cat((-sin, sin), dim=-1)
         return cos[:, None], sin[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the first R dims of x [B, N, T, D] by the angles in cos/sin [B, 1, T, R]."""
+    """Rotate the first R dims of x [B, N, T, D] by cos / signed sin [B, 1, T, R] (see RotaryEmbedding)."""
     rot_dim = cos.shape[-1]
-    x_rot = x[..., :rot_dim] if rot_dim < x.shape[-1] else x
+    partial = rot_dim < x.shape[-1]
+    x_rot = x[..., :rot_dim] if partial else x
     if interleaved:
-        rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
+        swapped = x_rot.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
     else:
         x1, x2 = x_rot.chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
-    out = x_rot * cos + rotated * sin
-    if rot_dim < x.shape[-1]:
-        out = torch.cat((out, x[..., rot_dim:]), dim=-1)
-    return out
+        swapped = torch.cat((x2, x1), dim=-1)
+    out = x_rot * cos + swapped * sin
+    return torch.cat((out, x[..., rot_dim:]), dim=-1) if partial else out

@@ -64,7 +64,7 @@ class Decoder:
         self.next_position = prompts.attention_mask.sum(-1, keepdim=True)  # [B, 1]
         self.prompts = prompts
 
-    @torch.no_grad()
+    @torch.inference_mode()  # lighter than no_grad: no autograd bookkeeping at all
     def prefill(self) -> torch.Tensor:
         """Logits [B, V] for the token after each prompt."""
         ids = self.prompts.input_ids
@@ -74,16 +74,33 @@ class Decoder:
             logits = self.model(ids, cache=self.cache, logits_to_keep=1)
         return logits[:, -1].float()
 
-    @torch.no_grad()
+    @torch.inference_mode()  # lighter than no_grad: no autograd bookkeeping at all
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed tokens [B] and return the logits [B, V] for the next position."""
         if self.padded:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
             logits = self.model(tokens[:, None], self.next_position, self.mask, self.cache)
-        else:
+            self.next_position = self.next_position + 1
+        else:  # positions follow the cache slots: the model's default
             logits = self.model(tokens[:, None], cache=self.cache)
-        self.next_position = self.next_position + 1
         return logits[:, -1].float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Make row i of the batch a copy of row `index[i]`: its cache, mask and position counter.
+
+        Beam search calls this after reselecting beams (each survivor takes its parent's state); `index`
+        may repeat rows or have more rows than the batch, e.g. to fan one prefilled prompt out into beams.
+        """
+        index = index.to(self.mask.device)
+        self.cache.reorder(index)
+        self.mask = self.mask.index_select(0, index)
+        self.next_position = self.next_position.index_select(0, index)
+        p = self.prompts
+        self.prompts = Prompts(
+            p.input_ids.index_select(0, index),
+            p.attention_mask.index_select(0, index),
+            [p.lengths[i] for i in index.tolist()],
+        )
 
 
 def sample_next(

@@ -28,7 +28,7 @@ from lmforge.train.checkpoints import load_trainer_state, rng_state, save_checkp
 from lmforge.train.config import TrainConfig
 from lmforge.train.objectives import Objective, causal_lm
 from lmforge.train.optim import build_optimizer, lr_multiplier
-from lmforge.train.perf import matmul_peak_flops, training_flops_per_token
+from lmforge.train.perf import matmul_peak_flops, training_flops_per_token, tune_allocator
 
 
 @dataclass
@@ -139,6 +139,7 @@ def train(
     already holds: the optimizer, data position, RNG and step counters are restored from it.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    tune_allocator()
     torch.manual_seed(cfg.seed)
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     model.train()

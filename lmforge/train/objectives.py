@@ -26,8 +26,14 @@ Objective = Callable[[Transformer, dict[str, torch.Tensor]], LossOutput]
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy in fp32; labels [B, T] already aligned with logits [B, T, V]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    """Summed next-token cross-entropy (fp32 scalar); labels [B, T] already aligned with logits [B, T, V].
+
+    bf16 logits (autocast) are not upcast first: the kernel computes the log-softmax in fp32 internally, each
+    token's loss is rounded to bf16 (relative error <= 2^-9, unbiased) and the sum is taken in fp32. The
+    gradient reaching the bf16 logits is bf16 either way, and skipping the fp32 copy of the [B*T, V] logits
+    makes a small model's step much cheaper (benchmarks/RESULTS.md)."""
+    per_token = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return per_token.float().sum()
 
 
 def causal_lm(model: Transformer, batch: dict[str, torch.Tensor]) -> LossOutput:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import sys
 import time
 
 import torch
@@ -36,3 +39,27 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds
         dt = time.perf_counter() - t0
         best = max(best, 2 * n**3 / dt)
     return best
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+@functools.lru_cache(maxsize=1)
+def tune_allocator() -> bool:
+    """Keep freed activation memory in the process instead of returning it to the OS (glibc only).
+
+    glibc serves allocations above 128 KiB with fresh mmap()s and unmaps them on free, so every training
+    step page-faults all of its large activations and gradients again; on this machine that was nearly half
+    the step time of a small model (benchmarks/RESULTS.md). Raising the mmap and trim thresholds makes freed
+    blocks reusable, as the tcmalloc/jemalloc setups recommended for PyTorch on CPU do. Returns whether
+    the setting was applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # Blocks up to 1 GiB come from the heap; the heap is never trimmed below 2 GiB of free space.
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))

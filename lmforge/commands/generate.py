@@ -1,0 +1,257 @@
+"""`lmforge generate`, `lmforge chat` and `lmforge bench`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lmforge.cli import command
+from lmforge.errors import LmforgeError
+
+
+def load_model_and_tokenizer(spec: str, dtype: str | None, need_tokenizer: bool = True) -> tuple[Any, Any]:
+    """A checkpoint directory (or a run directory: its latest checkpoint) and the tokenizer stored with it."""
+    from lmforge.checkpoint import load_pretrained
+    from lmforge.config import dtype_from_name
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoints import resolve_model_dir
+
+    path = resolve_model_dir(spec)
+    model = load_pretrained(path, dtype=dtype_from_name(dtype) if dtype else None)
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_pretrained(path)
+    elif need_tokenizer:
+        raise LmforgeError(f"{path} has no tokenizer.json; save the tokenizer next to the weights.")
+    return model, tokenizer
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """--max-new-tokens, --temperature, ... one flag per GenerationOptions field."""
+    from lmforge.generate.options import GenerationOptions
+
+    for f in dataclasses.fields(GenerationOptions):
+        if f.name in ("eos_token_id", "stop_strings", "early_stopping"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            kind = type(f.default) if f.default is not None else int
+            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default {f.default}")
+    p.add_argument("--early-stopping", choices=["true", "false", "never"], default=argparse.SUPPRESS)
+    p.add_argument("--eos-token-id", type=int, action="append", default=argparse.SUPPRESS, help="repeatable")
+    p.add_argument(
+        "--stop",
+        dest="stop_strings",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="stop once the text contains this string (repeatable)",
+    )
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    from lmforge.generate.options import GenerationOptions
+
+    names = {f.name for f in dataclasses.fields(GenerationOptions)}
+    options = {k: v for k, v in vars(args).items() if k in names}
+    if "early_stopping" in options:
+        options["early_stopping"] = {"true": True, "false": False}.get(options["early_stopping"], "never")
+    return options
+
+
+# --- generate --------------------------------------------------------------------------------------
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory or run directory")
+    p.add_argument("--prompt", help="the prompt text (default: read from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat format")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--dtype", help="float32 or bfloat16 (default: as stored)")
+    p.add_argument("--draft-model", help="a smaller model with the same tokenizer for speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--infill", help="text with [MASK] blanks for a GLM-objective model to fill")
+    p.add_argument("--json", action="store_true", help="print the generated ids and text as JSON")
+    add_generation_args(p)
+
+
+def encode_prompt(tokenizer: Any, text: str, chat: bool, system: str | None) -> list[int]:
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=True)
+
+
+@command("generate", "complete a prompt (greedy, sampling, beams, speculative, streaming)", _generate_args)
+def run_generate(args: argparse.Namespace) -> int:
+    from lmforge.generate.api import generate, generate_stream
+
+    if args.infill is not None:
+        from lmforge.generate.infill import run_infill_command
+
+        return run_infill_command(args)
+    model, tok = load_model_and_tokenizer(args.model, args.dtype)
+    text = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not text:
+        raise LmforgeError("empty prompt: pass --prompt or pipe text on stdin.")
+    ids = encode_prompt(tok, text, args.chat, args.system)
+    options = generation_options(args)
+    if args.chat:
+        options.setdefault("eos_token_id", tok.stop_token_ids)
+    t0 = time.perf_counter()
+    if args.draft_model:
+        from lmforge.generate.speculative import speculative_generate
+
+        unsupported = set(options) - {"max_new_tokens", "eos_token_id"}
+        if unsupported:
+            raise LmforgeError(f"speculative decoding is greedy; drop {sorted(unsupported)} or --draft-model.")
+        draft, _ = load_model_and_tokenizer(args.draft_model, args.dtype, need_tokenizer=False)
+        r = speculative_generate(
+            model, draft, ids, options.get("max_new_tokens", 32), args.num_draft_tokens, options.get("eos_token_id")
+        )
+        outputs = [r.tokens]
+        print(("" if args.chat else text) + tok.decode(r.tokens, skip_special_tokens=True))
+        print(
+            f"speculative: {len(r.tokens)} tokens, {r.accepted}/{r.drafted} drafts accepted "
+            f"({r.acceptance_rate:.0%}), {r.target_forwards} target forwards, {r.seconds:.2f} s",
+            file=sys.stderr,
+        )
+        return 0
+    if args.stream:
+        if not args.chat:
+            print(text, end="", flush=True)
+        outputs = [[]]
+        for chunk in generate_stream(model, ids, tokenizer=tok, **options):
+            outputs[0].append(chunk.token_id)
+            print(chunk.text, end="", flush=True)
+        print()
+    else:
+        result = generate(model, ids, tokenizer=tok, **options)
+        outputs = result if result and isinstance(result[0], list) else [result]
+        for i, out in enumerate(outputs):
+            if len(outputs) > 1:
+                print(f"--- sequence {i + 1}")
+            if args.json:
+                print(json.dumps({"ids": out, "text": tok.decode(out, skip_special_tokens=True)}))
+            else:
+                print(("" if args.chat else text) + tok.decode(out, skip_special_tokens=True))
+    dt = time.perf_counter() - t0
+    n = sum(len(o) for o in outputs)
+    print(f"{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+# --- chat ------------------------------------------------------------------------------------------
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory or run directory")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--dtype", help="float32 or bfloat16 (default: as stored)")
+    add_generation_args(p)
+
+
+@command("chat", "talk to a model in its chat format (/reset clears the history, /exit quits)", _chat_args)
+def run_chat(args: argparse.Namespace) -> int:
+    from lmforge.generate.api import generate_stream
+
+    model, tok = load_model_and_tokenizer(args.model, args.dtype)
+    options = generation_options(args)
+    options.setdefault("max_new_tokens", 256)
+    options.setdefault("eos_token_id", tok.stop_token_ids)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    print(
+        f"chatting with {args.model} ({tok.chat_format or 'template'} format); /reset clears, /exit quits",
+        file=sys.stderr,
+    )
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history.clear()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.apply_chat_template(system + history, add_generation_prompt=True)
+        limit = model.config.max_position_embeddings - options["max_new_tokens"]
+        while len(ids) > limit and len(history) > 1:  # forget the oldest turns first
+            del history[:2]
+            ids = tok.apply_chat_template(system + history, add_generation_prompt=True)
+        if len(ids) > limit:
+            raise LmforgeError("the message alone is longer than the model's context; shorten it.")
+        reply_ids: list[int] = []
+        for chunk in generate_stream(model, ids, tokenizer=tok, **options):
+            if chunk.token_id not in tok.stop_token_ids:
+                reply_ids.append(chunk.token_id)
+            print(chunk.text, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": tok.decode(reply_ids, skip_special_tokens=True)})
+    return 0
+
+
+# --- bench -----------------------------------------------------------------------------------------
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint/run directory, or a preset (random weights)")
+    p.add_argument("--prompt-tokens", "-p", type=int, default=512, help="prefill test length (ppN)")
+    p.add_argument("--gen-tokens", "-n", type=int, default=128, help="decode test length (tgN)")
+    p.add_argument("--repeats", "-r", type=int, default=3)
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as stored; presets: bfloat16)")
+    p.add_argument("--threads", "-t", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true")
+
+
+@command("bench", "prefill and decode speed in llama-bench style (ppN / tgN, mean and spread)", _bench_args)
+def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.generate.bench import bench_model
+    from lmforge.info import human
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if min(args.prompt_tokens, args.gen_tokens, args.repeats) <= 0:
+        raise LmforgeError("--prompt-tokens, --gen-tokens and --repeats must be positive.")
+    if Path(args.model).exists():
+        model, _ = load_model_and_tokenizer(args.model, args.dtype, need_tokenizer=False)
+    else:
+        from lmforge.config import ModelConfig, dtype_from_name
+        from lmforge.model import Transformer
+
+        config = ModelConfig.from_spec(args.model)
+        model = Transformer(config, dtype=dtype_from_name(args.dtype or "bfloat16"))
+    rows = bench_model(model, args.prompt_tokens, args.gen_tokens, args.repeats)
+    params = sum(p.numel() for p in model.parameters())
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "params": params,
+                    "dtype": dtype,
+                    "threads": torch.get_num_threads(),
+                    "results": rows,
+                }
+            )
+        )
+        return 0
+    print("| model | params | dtype | threads | test | t/s |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {args.model} | {human(params)} | {dtype} | {torch.get_num_threads()} | {r['test']} | "
+            f"{r['mean']:.2f} ± {r['std']:.2f} |"
+        )
+    return 0

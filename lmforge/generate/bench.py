@@ -1,0 +1,54 @@
+"""llama-bench style speed tests: ppN (prefill N tokens) and tgN (generate N tokens one at a time)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from lmforge.generate.gemv import ParallelGemv
+from lmforge.generate.kv_cache import KVCache
+from lmforge.model import Transformer
+
+
+@torch.inference_mode()  # lighter than no_grad: no autograd bookkeeping at all
+def prefill_seconds(model: Transformer, n: int, generator: torch.Generator) -> float:
+    p = next(model.parameters())
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=generator, device=p.device)
+    cache = KVCache(model.config, 1, n, p.dtype, p.device)
+    t0 = time.perf_counter()
+    model(ids, cache=cache, logits_to_keep=1)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()  # lighter than no_grad: no autograd bookkeeping at all
+def decode_seconds(model: Transformer, n: int, generator: torch.Generator) -> float:
+    """n forward passes of one token each over a growing cache, starting from an empty context."""
+    p = next(model.parameters())
+    cache = KVCache(model.config, 1, n, p.dtype, p.device)
+    token = torch.randint(0, model.config.vocab_size, (1, 1), generator=generator, device=p.device)
+    with ParallelGemv(model):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            token = model(token, cache=cache)[:, -1:].argmax(-1)
+        return time.perf_counter() - t0
+
+
+def bench_model(model: Transformer, prompt_tokens: int, gen_tokens: int, repeats: int) -> list[dict]:
+    """Mean and standard deviation of tokens/s over `repeats` runs, after one warm-up run of each test."""
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for name, fn, n in (("pp", prefill_seconds, prompt_tokens), ("tg", decode_seconds, gen_tokens)):
+        fn(model, min(n, 16), generator)  # warm-up
+        rates = [n / fn(model, n, generator) for _ in range(repeats)]
+        rows.append(
+            {
+                "test": f"{name}{n}",
+                "mean": statistics.mean(rates),
+                "std": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+                "runs": rates,
+            }
+        )
+    return rows

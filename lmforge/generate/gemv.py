@@ -1,0 +1,100 @@
+"""Matrix-vector products split across threads, for decoding large fp32 models on CPU.
+
+One decode step multiplies each weight matrix by a handful of vectors. The fp32 path of PyTorch's CPU
+BLAS (MKL) runs those products on ONE thread, which reaches about 60% of this machine's memory bandwidth
+(benchmarks/RESULTS.md). Splitting the rows of the weight across `torch.get_num_threads()` threads (the
+caller plus helpers; PyTorch releases the GIL inside the kernels) reaches the bandwidth ceiling. Every
+output element is still the same dot product, so results are bit-identical. bf16 goes through oneDNN,
+which already uses every thread, and is left alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from types import MethodType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_ROWS = 16  # inputs with more rows (prefill, training) are real matrix products: leave them to BLAS
+MIN_WEIGHT = 1 << 20  # elements; below this a thread hand-off costs more than it saves
+
+
+class ParallelGemv:
+    """Context manager: inside it, the model's large fp32 linear layers split small-batch products."""
+
+    def __init__(self, model: nn.Module, threads: int | None = None) -> None:
+        self.model = model
+        self.threads = threads or torch.get_num_threads()
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.patched: list[tuple[Any, str]] = []
+
+    def __enter__(self) -> ParallelGemv:
+        if self.threads < 2:
+            return self
+        linears = [m for m in self.model.modules() if isinstance(m, nn.Linear) and _eligible(m.weight)]
+        head_weight = getattr(self.model, "output_weight", None)
+        if not linears and (head_weight is None or not _eligible(head_weight)):
+            return self
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, thread_name_prefix="lmforge-gemv")
+        # Our threads replace PyTorch's intra-op pool while decoding: its OpenMP workers would otherwise spin
+        # on the cores our helpers need. At one token per step the other ops are too small to miss them.
+        self.saved_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        for m in linears:
+            m.forward = MethodType(_linear_forward(self), m)
+            self.patched.append((m, "forward"))
+        if head_weight is not None and _eligible(head_weight):
+
+            def head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+                return self.linear(model.norm(x), model.output_weight, None)
+
+            self.model.head = MethodType(head, self.model)
+            self.patched.append((self.model, "head"))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for obj, name in self.patched:
+            delattr(obj, name)  # the class's method shows through again
+        self.patched.clear()
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+            torch.set_num_threads(self.saved_threads)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.pool is None or rows > MAX_ROWS or torch.is_grad_enabled():
+            return F.linear(x, weight, bias)
+        x2 = x.reshape(rows, x.shape[-1])  # [M, in]
+        out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)  # [M, out]
+        bounds = [weight.shape[0] * i // self.threads for i in range(self.threads + 1)]
+        jobs = [
+            self.pool.submit(_mm_into, x2, weight[a:b], out[:, a:b])
+            for a, b in zip(bounds[1:-1], bounds[2:], strict=True)
+        ]
+        _mm_into(x2, weight[: bounds[1]], out[:, : bounds[1]])
+        for job in jobs:
+            job.result()
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _eligible(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= MIN_WEIGHT
+
+
+def _mm_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    with torch.inference_mode():  # grad/inference mode is per thread: the helper needs it set too
+        torch.mm(x, weight.t(), out=out)
+
+
+def _linear_forward(ctx: ParallelGemv) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return ctx.linear(x, self.weight, self.bias)
+
+    return forward
