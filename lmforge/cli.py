@@ -27,6 +27,7 @@ def command(
 def _register_commands() -> None:
     """Import the command modules; each registers its commands with `@command` on import."""
     import lmforge.commands.data  # noqa: F401
+    import lmforge.commands.eval  # noqa: F401
     import lmforge.commands.generate  # noqa: F401
     import lmforge.commands.model  # noqa: F401  (first: `lmforge --help` lists commands in import order)
     import lmforge.commands.train  # noqa: F401

@@ -1,0 +1,109 @@
+"""Perplexity and bits per byte over long texts, with rolling windows (lm-evaluation-harness style).
+
+The text's tokens t_0..t_{n-1} are scored one window at a time: a window predicts up to `stride` new tokens
+and sees at most `max_length` tokens of input, the ones just before them (the first window starts from a
+prefix token). With stride == max_length this is lm-evaluation-harness's `loglikelihood_rolling`
+(disjoint predictions, as much context as fits); a smaller stride gives every prediction at least
+max_length - stride tokens of context, at the cost of more forward passes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.errors import LmforgeError
+from lmforge.eval.scoring import prefix_token_id, score_tokens
+from lmforge.model import Transformer
+
+
+@dataclass
+class Perplexity:
+    nll: float  # total negative log-likelihood, nats
+    tokens: int
+    words: int
+    bytes: int
+    documents: int = 1
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "token_perplexity": math.exp(self.nll / self.tokens),
+            "bits_per_byte": self.nll / self.bytes / math.log(2),
+            "byte_perplexity": math.exp(self.nll / self.bytes),
+            "nll_per_token": self.nll / self.tokens,
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+        }
+        if self.words:
+            out["word_perplexity"] = math.exp(self.nll / self.words)
+            out["words"] = self.words
+        return out
+
+
+def rolling_windows(
+    tokens: Sequence[int], prefix: int, max_length: int, stride: int
+) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) token pairs covering every token of `tokens` exactly once (module docstring)."""
+    if not 0 < stride <= max_length:
+        raise LmforgeError(f"stride must be in [1, max_length={max_length}], got {stride}.")
+    seq = [prefix, *tokens]  # seq[j + 1] is tokens[j]; it is predicted from seq[: j + 1]
+    pairs = []
+    for start in range(0, len(tokens), stride):
+        end = min(start + stride, len(tokens))  # predict tokens[start:end] = seq[start + 1 : end + 1]
+        first_input = max(0, end - max_length)
+        pairs.append((seq[first_input : start + 1], seq[start + 1 : end + 1]))
+    return pairs
+
+
+def count_words(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for word perplexity."""
+    return len(re.split(r"\s+", text))
+
+
+def text_perplexity(
+    model: Transformer,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Perplexity:
+    """Perplexity of documents (each scored on its own, from a prefix token)."""
+    max_length = max_length or model.config.max_position_embeddings
+    stride = stride or max_length
+    prefix = prefix_token_id(tokenizer)
+    pairs, words, nbytes = [], 0, 0
+    for text in texts:
+        if not text:
+            continue
+        pairs += rolling_windows(tokenizer.encode(text), prefix, max_length, stride)
+        words += count_words(text)
+        nbytes += len(text.encode("utf-8"))
+    if not pairs:
+        raise LmforgeError("no text to evaluate: every document is empty.")
+    scores = score_tokens(model, pairs, batch_size, max_length, progress)
+    return Perplexity(-sum(s.logprob for s in scores), sum(s.num_tokens for s in scores), words, nbytes, len(texts))
+
+
+def shard_perplexity(
+    model: Transformer,
+    shards: Any,
+    max_length: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> Perplexity:
+    """Perplexity of a prepared split (lmforge.data.TokenShards): its whole token stream, documents joined
+    by their EOS tokens. Bytes come from the split's index; the first token is predicted from EOS."""
+    n = shards.num_tokens if max_tokens is None else min(max_tokens, shards.num_tokens)
+    tokens = shards.read(0, n).tolist()
+    pairs = rolling_windows(tokens, shards.eos_token_id, max_length, stride or max_length)
+    scores = score_tokens(model, pairs, batch_size, max_length, progress)
+    nbytes = shards.num_bytes if n == shards.num_tokens else round(shards.num_bytes * n / shards.num_tokens)
+    return Perplexity(-sum(s.logprob for s in scores), n, 0, nbytes, shards.num_documents)
