@@ -67,9 +67,10 @@ def test_loglikelihood_equals_transformers_incl_splits_inside_words(setup):
     scores = loglikelihood(model, tok, requests, batch_size=2)
     for (ctx, cont), score in zip(requests, scores, strict=True):
         ctx_ids, cont_ids = encode_pair(tok, ctx, cont)
-        if ctx:
-            whole = tok.encode(ctx + cont)
-            assert ctx_ids + cont_ids == tok.encode(ctx.rstrip()) + whole[len(tok.encode(ctx.rstrip())) :]
+        if ctx:  # the whole string's tokens, BOS first, split after the context's own encoding
+            whole = tok.encode(ctx + cont, add_special_tokens=True)
+            assert ctx_ids == tok.encode(ctx.rstrip(), add_special_tokens=True) and ctx_ids[0] == tok.bos_token_id
+            assert cont_ids == whole[len(ctx_ids) :]
         assert score.num_tokens == len(cont_ids)
         assert score.logprob == pytest.approx(hf_continuation_logprob(hf, ctx_ids, cont_ids), abs=1e-4)
     # Batch size does not change the numbers.
