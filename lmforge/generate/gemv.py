@@ -35,7 +35,8 @@ class ParallelGemv:
     def __enter__(self) -> ParallelGemv:
         if self.threads < 2:
             return self
-        linears = [m for m in self.model.modules() if isinstance(m, nn.Linear) and _eligible(m.weight)]
+        # Exactly nn.Linear: subclasses (LoRA layers) compute more than the product and keep their forward.
+        linears = [m for m in self.model.modules() if type(m) is nn.Linear and _eligible(m.weight)]
         head_weight = getattr(self.model, "output_weight", None)
         if not linears and (head_weight is None or not _eligible(head_weight)):
             return self

@@ -214,6 +214,7 @@ def train(
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             step_tokens = sum(int(b["input_ids"].numel()) for b in micro)
             outputs_sum, weight_sum = 0.0, 0.0
+            stats: dict[str, float] = {}
             losses = []
             for b in micro:
                 with _autocast(autocast_dtype):
@@ -224,6 +225,8 @@ def train(
             for out in losses:
                 (out.loss_sum / total_weight).backward()
                 outputs_sum += float(out.loss_sum.detach())
+                for name, value in (out.stats or {}).items():
+                    stats[name] = stats.get(name, 0.0) + float(value) / total_weight
             del losses
             loss = outputs_sum / total_weight
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -255,6 +258,7 @@ def train(
                 "tokens": tokens_seen,
                 "elapsed_s": time.perf_counter() - t_start,
                 "skipped": not math.isfinite(loss + grad_norm),
+                **stats,
             }
             log(record)
             if budget_s is not None:  # the run ends on time: show the steps the budget will allow

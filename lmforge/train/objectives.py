@@ -20,6 +20,7 @@ IGNORE_INDEX = -100  # label value that takes no loss (prompt tokens, padding), 
 class LossOutput(NamedTuple):
     loss_sum: torch.Tensor  # scalar, summed over the units below
     weight: torch.Tensor  # number of units (tokens, pairs, ...) the loss is summed over
+    stats: dict[str, torch.Tensor] | None = None  # extra numbers to log, also summed over the units
 
 
 Objective = Callable[[Transformer, dict[str, torch.Tensor]], LossOutput]
