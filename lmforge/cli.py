@@ -26,11 +26,35 @@ def command(
 # --- entry point -----------------------------------------------------------------------------------
 def _register_commands() -> None:
     """Import the command modules; each registers its commands with `@command` on import."""
-    import lmforge.commands.data  # noqa: F401
-    import lmforge.commands.eval  # noqa: F401
-    import lmforge.commands.generate  # noqa: F401
-    import lmforge.commands.model  # noqa: F401  (first: `lmforge --help` lists commands in import order)
+    import lmforge.commands.data
+    import lmforge.commands.eval
+    import lmforge.commands.finetune
+    import lmforge.commands.generate
+    import lmforge.commands.model
     import lmforge.commands.train  # noqa: F401
+
+
+# The order of `lmforge --help`: the path from a checkpoint to a served model.
+ORDER = (
+    "info",
+    "convert",
+    "tokenizer",
+    "prepare",
+    "pretrain",
+    "finetune",
+    "dpo",
+    "distill",
+    "generate",
+    "chat",
+    "eval",
+    "bench",
+    "serve",
+    "quickstart",
+)
+
+
+def _order(name: str) -> int:
+    return ORDER.index(name) if name in ORDER else len(ORDER)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lmforge", description="Train, load, run and evaluate Llama 3, Qwen 2.5 and GLM-4 style models."
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for name, (help_text, add_args, run) in COMMANDS.items():
+    for name, (help_text, add_args, run) in sorted(COMMANDS.items(), key=lambda item: _order(item[0])):
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
         p.set_defaults(run=run)

@@ -265,6 +265,10 @@ class Tokenizer:
         out[list(self.special_token_ids)] = 0
         return out
 
+    def get_vocab(self) -> dict[str, int]:
+        """Token string -> id for the whole vocabulary, added tokens included."""
+        return self._tk.get_vocab(with_added_tokens=True)
+
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 

@@ -8,13 +8,12 @@ perplexity:      any other text file (or JSONL with "text"), or a directory made
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.jsonl import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -37,27 +36,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-empty line."""
-    if not path.is_file():
-        raise LmforgeError(f"task file {path} does not exist.")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}:{number}: not valid JSON ({e.msg}); fix that line.") from None
-            if not isinstance(obj, dict):
-                raise LmforgeError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}.")
-            rows.append((number, obj))
-    if not rows:
-        raise LmforgeError(f"task file {path} has no examples.")
-    return rows
 
 
 def detect_task_type(path: Path) -> str:

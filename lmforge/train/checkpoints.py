@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +58,17 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer_dir: Path | None = None,
     keep_last: int = 2,
+    save_model: Callable[[Transformer, Path], Any] = save_pretrained,
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, and prune all but the last `keep_last`."""
+    """Write checkpoint `step` atomically, point `latest` at it, and prune all but the last `keep_last`.
+
+    `save_model` writes the weights (default: the whole model in HF format; LoRA runs save only adapters)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=root))
     try:
-        save_pretrained(model, tmp)
+        save_model(model, tmp)
         if tokenizer_dir is not None:
             for f in tokenizer_dir.iterdir():
                 if f.is_file() and f.name.startswith(("tokenizer", "special_tokens_map")):

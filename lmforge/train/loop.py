@@ -90,10 +90,12 @@ def evaluate(
     max_batches: int = 0,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """Mean loss over the batches, and bits per byte when the byte length of each token is known."""
+    """Mean loss (and the objective's statistics) over the batches, and bits per byte when the byte length of
+    each token is known."""
     was_training = model.training
     model.eval()
     loss_sum, weight, nbytes = 0.0, 0.0, 0
+    stats: dict[str, float] = {}
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
@@ -101,13 +103,15 @@ def evaluate(
             out = objective(model, batch)
         loss_sum += float(out.loss_sum)
         weight += float(out.weight)
+        for name, value in (out.stats or {}).items():
+            stats[name] = stats.get(name, 0.0) + float(value)
         if token_bytes is not None:
             labels = batch["labels"]
             nbytes += int(token_bytes[labels.clamp(min=0)][labels >= 0].sum())
     model.train(was_training)
     if weight == 0:
         raise LmforgeError("the validation data produced no tokens to score; give more validation text.")
-    result = {"val_loss": loss_sum / weight}
+    result = {"val_loss": loss_sum / weight, **{f"val_{k}": v / weight for k, v in stats.items()}}
     if nbytes:
         result["val_bpb"] = loss_sum / math.log(2) / nbytes
     return result
@@ -132,6 +136,7 @@ def train(
     resume_from: Path | None = None,
     progress: bool = True,
     extra_state: dict[str, Any] | None = None,
+    save_model: Callable[[Transformer, Path], Any] | None = None,
 ) -> TrainResult:
     """Train `model` in place on `batches` (an iterator with state_dict/load_state_dict for exact resume).
 
@@ -186,7 +191,9 @@ def train(
             "train_config": cfg.to_dict(),
             **(extra_state or {}),
         }
-        return save_checkpoint(run_dir, at_step, model, state, tokenizer_dir, cfg.keep_last)
+        if save_model is None:
+            return save_checkpoint(run_dir, at_step, model, state, tokenizer_dir, cfg.keep_last)
+        return save_checkpoint(run_dir, at_step, model, state, tokenizer_dir, cfg.keep_last, save_model)
 
     def run_eval(at_step: int) -> None:
         nonlocal val

@@ -1,0 +1,1 @@
+"""Fine-tuning and alignment: SFT, LoRA, DPO/IPO and distillation, on the one training loop."""
