@@ -20,6 +20,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.data import TokenShards, prepare
 from lmforge.errors import LmforgeError
+from lmforge.finetune.docstrings import DocstringTask, build_task
 from lmforge.generate.decode import stream_tokens
 from lmforge.plots import plot_bars
 from lmforge.tokenizer import Tokenizer
@@ -50,6 +51,9 @@ class QuickstartOptions:
     dtype: str = "bfloat16"
     max_new_tokens: int = 60
     progress: bool = True
+    stages: tuple[str, ...] = ("pretrain",)  # add "sft" and "dpo" for the fine-tuning demo
+    sft_minutes: float = 1.5
+    dpo_minutes: float = 1.0
 
 
 @dataclass
@@ -65,6 +69,7 @@ class QuickstartResult:
     tokens: int
     seconds: dict[str, float] = field(default_factory=dict)
     samples: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> held-out docstring metrics
 
 
 def stdlib_files(max_bytes: float) -> list[Path]:
@@ -128,6 +133,7 @@ def complete(model: torch.nn.Module, tok: Tokenizer, prompt: str, max_new_tokens
 
 
 def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
+    check_stages(opts.stages)
     out = opts.out
     if (out / "checkpoints").exists():
         raise LmforgeError(f"{out} already holds a quickstart run; pass --out to choose another directory.")
@@ -198,6 +204,8 @@ def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
     samples = {p: complete(model, tok, p, opts.max_new_tokens, opts.seed) for p in PROMPTS}
     say("[5/5] evaluation and samples")
     result = QuickstartResult(out, r.val_bpb, r.val_loss, uni, gz, xz, params, r.steps, r.tokens, times, samples)
+    if set(opts.stages) - {"pretrain"}:
+        result.stages = run_finetune_stages(opts, files, tok, trained.result.checkpoint, say)
     plot_bars(
         {"lmforge model": r.val_bpb, "xz -9e": xz, "gzip -9": gz, "unigram": uni},
         out / "compression.png",
@@ -206,6 +214,93 @@ def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:
     )
     write_report(result, trained.plot)
     return result
+
+
+STAGES = ("pretrain", "sft", "dpo")
+
+
+def check_stages(stages: tuple[str, ...]) -> None:
+    if not stages or stages[0] != "pretrain" or any(s not in STAGES for s in stages) or len(set(stages)) != len(stages):
+        raise LmforgeError(f"--stages must start with pretrain and may add sft and dpo in that order, got {stages}.")
+    if list(stages) != [s for s in STAGES if s in stages]:
+        raise LmforgeError("--stages must keep the order pretrain, sft, dpo.")
+
+
+def evaluate_stage(checkpoint: Path, task: DocstringTask, tok: Tokenizer) -> dict[str, float]:
+    """ROUGE-L of generated one-line summaries and preference accuracy (right summary vs another) on the
+    held-out functions, through `lmforge eval`'s tasks."""
+    from lmforge.checkpoint import load_pretrained
+    from lmforge.eval.run import EvalSettings, run_task
+
+    model = load_pretrained(checkpoint)
+    settings = EvalSettings(batch_size=16, max_new_tokens=24, progress=False)
+    gen = run_task(model, tok, str(task.eval_generation), settings)
+    pref = run_task(model, tok, str(task.eval_preference), settings)
+    return {
+        "rouge_l": gen.metrics["rouge_l"],
+        "exact_match": gen.metrics["exact_match"],
+        "preference_accuracy": pref.metrics["acc"],
+    }
+
+
+def run_finetune_stages(
+    opts: QuickstartOptions, files: list[Path], tok: Tokenizer, base: Path | None, say
+) -> dict[str, dict[str, float]]:
+    """SFT then DPO on the docstring task, each stage evaluated on held-out functions."""
+    from lmforge.finetune.dpo import dpo
+    from lmforge.finetune.sft import finetune
+
+    assert base is not None
+    task = build_task(files, tok, opts.out / "docstrings", seed=opts.seed)
+    say(
+        f"[6] docstring task: {task.train_functions} training / {task.held_out_functions} held-out functions "
+        f"-> {opts.out / 'docstrings'}"
+    )
+    results = {"pretrain": evaluate_stage(base, task, tok)}
+    current = base
+    if "sft" in opts.stages:
+        say(f"[7] SFT for {opts.sft_minutes:g} minutes")
+        cfg = TrainConfig(
+            steps=1_000_000,
+            batch_size=16,
+            seq_len=192,
+            lr=1e-3,
+            warmup_steps=20,
+            schedule="cosine",
+            min_lr_ratio=0.1,
+            weight_decay=0.0,
+            dtype=opts.dtype,
+            seed=opts.seed,
+            eval_every=0,
+            save_every=0,
+            max_minutes=opts.sft_minutes,
+        )
+        current = finetune(
+            current, task.sft, opts.out / "sft", cfg, val_fraction=0.02, progress=opts.progress
+        ).result.checkpoint
+        results["sft"] = evaluate_stage(current, task, tok)
+    if "dpo" in opts.stages:
+        say(f"[8] DPO for {opts.dpo_minutes:g} minutes")
+        cfg = TrainConfig(
+            steps=1_000_000,
+            batch_size=8,
+            seq_len=192,
+            lr=2e-4,
+            warmup_steps=10,
+            schedule="cosine",
+            min_lr_ratio=0.1,
+            weight_decay=0.0,
+            dtype=opts.dtype,
+            seed=opts.seed,
+            eval_every=0,
+            save_every=0,
+            max_minutes=opts.dpo_minutes,
+        )
+        current = dpo(
+            current, task.dpo, opts.out / "dpo", cfg, beta=0.1, val_fraction=0.02, progress=opts.progress
+        ).result.checkpoint
+        results["dpo"] = evaluate_stage(current, task, tok)
+    return results
 
 
 def write_report(r: QuickstartResult, loss_plot: Path | None) -> Path:
@@ -233,6 +328,18 @@ def write_report(r: QuickstartResult, loss_plot: Path | None) -> Path:
     ]
     for prompt, text in r.samples.items():
         lines += [f"Prompt `{prompt!r}`:", "", "```python", text, "```", ""]
+    if r.stages:
+        lines += [
+            "## Fine-tuning stages: one-line summaries of held-out standard-library functions",
+            "",
+            "| stage | ROUGE-L | exact match | preference accuracy (right summary vs another) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {stage} | {m['rouge_l']:.3f} | {m['exact_match']:.3f} | {m['preference_accuracy']:.3f} |"
+            for stage, m in r.stages.items()
+        ]
+        lines.append("")
     path = r.run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -246,6 +353,11 @@ def summary(r: QuickstartResult) -> str:
             "",
             f"held-out bits/byte: model {r.val_bpb:.3f} | xz -9e {r.xz_bpb:.3f} | gzip -9 {r.gzip_bpb:.3f} | "
             f"unigram {r.unigram_bpb:.3f}",
+            *[
+                f"{stage}: held-out docstring ROUGE-L {m['rouge_l']:.3f}, preference accuracy "
+                f"{m['preference_accuracy']:.3f}"
+                for stage, m in r.stages.items()
+            ],
             f"sample:\n{first}",
             "",
             f"report: {r.run_dir / 'report.md'}   plots: {ckpt / 'loss.png'}, {r.run_dir / 'compression.png'}",

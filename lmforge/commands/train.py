@@ -20,6 +20,8 @@ _HELP = {
     "schedule": "cosine, wsd, linear or constant",
     "max_minutes": "stop after this many minutes (wall clock)",
     "mask_documents": "block-diagonal attention within packed documents",
+    "objective": "causal (next token) or glm (GLM blank infilling; needs a glm4-format tokenizer)",
+    "glm_variant": "with --objective glm: token, sentence, document or mixed spans",
     "compile": "torch.compile the model",
     "activation_checkpointing": "recompute activations in the backward pass to save memory",
 }
@@ -68,7 +70,9 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     add_train_config_args(p)
 
 
-@command("pretrain", "train a model with next-token prediction on prepared shards", _pretrain_args)
+@command(
+    "pretrain", "train a model with next-token prediction (or GLM blank infilling) on prepared shards", _pretrain_args
+)
 def run_pretrain(args: argparse.Namespace) -> int:
     from lmforge.train.pretrain import pretrain
 
@@ -103,6 +107,11 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--stages",
+        default="pretrain",
+        help="pretrain, optionally followed by sft and dpo: the fine-tuning demo (e.g. pretrain,sft,dpo)",
+    )
 
 
 @command(
@@ -115,8 +124,14 @@ def run_quickstart(args: argparse.Namespace) -> int:
 
     if args.minutes <= 0:
         raise LmforgeError("--minutes must be positive.")
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     opts = QuickstartOptions(
-        out=Path(args.out), minutes=args.minutes, vocab_size=args.vocab_size, seed=args.seed, dtype=args.dtype
+        out=Path(args.out),
+        minutes=args.minutes,
+        vocab_size=args.vocab_size,
+        seed=args.seed,
+        dtype=args.dtype,
+        stages=stages,
     )
     print(summary(run_quickstart(opts)))
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 from lmforge.errors import LmforgeError
 from lmforge.eval import metrics as M
 from lmforge.eval.perplexity import shard_perplexity, text_perplexity
-from lmforge.eval.scoring import loglikelihood
+from lmforge.eval.scoring import encode_text, loglikelihood
 from lmforge.eval.tasks import (
     detect_task_type,
     file_sha256,
@@ -118,7 +118,7 @@ def _generation(model: Transformer, tokenizer: Any, path: Path, s: EvalSettings)
     with Progress(len(examples), "generate", unit="ex", enabled=s.progress) as bar:
         for start in range(0, len(examples), s.batch_size):
             chunk = examples[start : start + s.batch_size]
-            prompts = [tokenizer.encode(ex.prompt, add_special_tokens=True) for ex in chunk]
+            prompts = [encode_text(tokenizer, ex.prompt) for ex in chunk]
             outputs = generate(model, prompts, tokenizer=tokenizer, **options)
             predictions += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
             bar.update(len(chunk))

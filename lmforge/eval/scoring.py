@@ -39,6 +39,15 @@ def prefix_token_id(tokenizer: Any) -> int:
     return token
 
 
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Ids of `text` with the tokenizer's special prefix (BOS), unless the text already starts with it (e.g. a
+    rendered chat prompt), as lm-evaluation-harness's HuggingFace backend does."""
+    plain = tokenizer.encode(text)
+    prefixed = tokenizer.encode(text, add_special_tokens=True)
+    n = len(prefixed) - len(plain)
+    return plain if n and plain[:n] == prefixed[:n] else prefixed
+
+
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) with lm-evaluation-harness's boundary rule (module docstring)."""
     if not continuation:
@@ -48,8 +57,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation, add_special_tokens=True)
-    context_ids = tokenizer.encode(context, add_special_tokens=True)
+    whole = encode_text(tokenizer, context + continuation)
+    context_ids = encode_text(tokenizer, context)
     continuation_ids = whole[len(context_ids) :]
     if not continuation_ids:
         raise LmforgeError(f"the continuation {continuation!r} vanished into the context's tokens.")
