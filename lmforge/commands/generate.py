@@ -235,6 +235,9 @@ def run_bench(args: argparse.Namespace) -> int:
     rows = bench_model(model, args.prompt_tokens, args.gen_tokens, args.repeats)
     params = sum(p.numel() for p in model.parameters())
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    c = model.config
+    # K and V for every layer, kv heads only (GQA stores num_kv_heads, not num_heads).
+    kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * next(model.parameters()).element_size()
     if args.json:
         print(
             json.dumps(
@@ -243,6 +246,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     "params": params,
                     "dtype": dtype,
                     "threads": torch.get_num_threads(),
+                    "kv_cache_bytes_per_token": kv_per_token,
                     "results": rows,
                 }
             )
@@ -254,4 +258,9 @@ def run_bench(args: argparse.Namespace) -> int:
             f"| {args.model} | {human(params)} | {dtype} | {torch.get_num_threads()} | {r['test']} | "
             f"{r['mean']:.2f} ± {r['std']:.2f} |"
         )
+    full = kv_per_token * (args.prompt_tokens + args.gen_tokens)
+    print(
+        f"KV cache: {human(kv_per_token, 'B')} per token ({c.num_kv_heads} of {c.num_heads} heads stored), "
+        f"{human(full, 'B')} for {args.prompt_tokens + args.gen_tokens} tokens"
+    )
     return 0
