@@ -87,6 +87,20 @@ def to_hf_names(names: list[str], family: str) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def to_hf_modules(modules: list[str], family: str) -> dict[str, tuple[str, ...]]:
+    """HF module name -> the lmforge Linear modules whose weights it holds, in row order.
+
+    For adapters (LoRA), which are named after the HF module they wrap: `layers.0.attn.q_proj` ->
+    `model.layers.0.self_attn.q_proj`. A fused HF module lists all of its parts (GLM's
+    `model.layers.{i}.mlp.gate_up_proj` -> gate_proj, up_proj), even when only one of them was asked for.
+    """
+    weights = to_hf_names([f"{m}.weight" for m in modules], family)
+    return {
+        hf.removesuffix(".weight"): tuple(part.removesuffix(".weight") for part in parts)
+        for hf, parts in weights.items()
+    }
+
+
 # --- Reading ---------------------------------------------------------------------------------------
 def read_hf_config(path: Path) -> dict[str, Any]:
     if not path.exists():

@@ -279,3 +279,48 @@ def test_cli_finetune_and_dpo(tmp_path, chat_model):
     )
     assert d.returncode == 0, d.stderr
     assert "preference accuracy" in d.stdout
+
+
+def test_lora_sft_saves_adapters_and_merge_folds_them(tmp_path, chat_model):
+    from lmforge.finetune.lora import LoraConfig
+
+    data = write_chats(tmp_path / "chat.jsonl", 8)
+    base = lmforge.load_pretrained(chat_model)
+    out = finetune(
+        chat_model,
+        data,
+        tmp_path / "run",
+        small_cfg(steps=6),
+        method="lora",
+        lora=LoraConfig(r=4, alpha=8.0, targets=("q", "v", "down")),
+        val_fraction=0.0,
+        progress=False,
+    )
+    ckpt = out.result.checkpoint
+    assert (ckpt / "adapter_config.json").is_file() and not (ckpt / "model.safetensors").exists()
+    assert out.start.report.trainable < 0.5 * out.start.report.total
+    # Only the adapters trained: every base weight is unchanged.
+    trained = out.start.model.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in base.state_dict().items())
+    merged_dir = tmp_path / "merged"
+    cli = run_cli("finetune", "--merge", "--model", str(chat_model), "--adapter", str(ckpt), "--out", str(merged_dir))
+    assert cli.returncode == 0, cli.stderr
+    ids = torch.tensor([[1, 5, 9, 20]])
+    with torch.no_grad():
+        expected = out.start.model.eval()(ids)
+        got = lmforge.load_pretrained(merged_dir)(ids)
+    assert torch.allclose(got, expected, atol=1e-5) and (merged_dir / "tokenizer.json").is_file()
+    bad = run_cli(
+        "finetune",
+        "--model",
+        str(chat_model),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "bad"),
+        "--method",
+        "lora",
+        "--lora-targets",
+        "q,attention",
+    )
+    assert bad.returncode == 2 and "attention" in bad.stderr and "Traceback" not in bad.stderr

@@ -405,3 +405,15 @@ def test_quickstart_on_a_tiny_budget(tmp_path):
     assert f"{r.val_bpb:.3f}" in report and "def fibonacci(n):" in report
     assert (tmp_path / "qs" / "run" / "loss.png").is_file() and (tmp_path / "qs" / "compression.png").is_file()
     assert all(text.startswith(prompt) for prompt, text in r.samples.items())
+
+
+def test_torch_compile_option_trains_like_eager(tmp_path):
+    """--compile runs the same steps through torch.compile (inductor's C++ backend on CPU)."""
+    ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    batches = FixedBatches({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
+    cfg = dict(steps=3, batch_size=2, seq_len=16, save_every=0, eval_every=0, warmup_steps=1)
+    eager = train(tiny_model(), batches, small_cfg(**cfg), tmp_path / "a", progress=False)
+    compiled = train(tiny_model(), batches, small_cfg(**cfg, compile=True), tmp_path / "b", progress=False)
+    la = [h["loss"] for h in eager.history if "loss" in h]
+    lb = [h["loss"] for h in compiled.history if "loss" in h]
+    assert lb == pytest.approx(la, rel=1e-4)
