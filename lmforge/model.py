@@ -210,7 +210,9 @@ class Transformer(nn.Module):
 
         position_ids: [B, T] or [T]; default past+0 .. past+T-1. Given without a mask and without a cache,
             a position that does not follow its predecessor starts a new document (packed sequences):
-            attention is then block-diagonal causal, as in transformers.
+            attention is then block-diagonal causal, as in transformers. Or [B, T, 2]: GLM's 2D positions
+            (#1 in the corrupted text, #2 inside a span; 2D RoPE, see rope.py), which never imply packing:
+            attention is causal unless a mask is given (GLM's own is the [B, 1, T, S] prefix mask).
         attention_mask: [B, S] with 1 for real tokens and 0 for padding (S = past + T), or a boolean
             [B, 1, T, S] "may attend" mask used as given (e.g. GLM's prefix-bidirectional mask).
         cache: a KV cache (see `Cache`); the new keys/values are appended to it.
@@ -222,8 +224,11 @@ class Transformer(nn.Module):
             user_positions = False
         else:
             user_positions = True
-        position_ids = position_ids.expand(B, T) if position_ids.dim() == 1 else position_ids
-        packed = user_positions and attention_mask is None and cache is None
+        if position_ids.dim() == 1:
+            position_ids = position_ids.expand(B, T)
+        elif position_ids.dim() == 3:  # 2D positions [B, T, 2]
+            position_ids = position_ids.expand(B, T, position_ids.shape[-1])
+        packed = user_positions and attention_mask is None and cache is None and position_ids.dim() == 2
         mask = build_attention_mask(attention_mask, position_ids if packed else None, T, past)
 
         x = self.embed(input_ids)  # [B, T, h]

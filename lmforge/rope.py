@@ -5,6 +5,17 @@ so that cos/sin (and therefore logits) match the reference bit for bit; REFERENC
 formulas. Two layouts exist: Llama/Qwen rotate the two halves of the head against each other
 ("rotate-half"), GLM rotates adjacent pairs (0,1),(2,3),... and only the first `rotary_dim` dims.
 
+2D positions (GLM's blank-infilling objective, Du et al. 2022, arXiv 2103.10360, "2D positional encoding"):
+position_ids [B, T, 2] carry position #1 (where a token is in the corrupted text, Part A) and position #2
+(0 in Part A, 1.. inside a generated span). The R rotary dims are then split into two halves of R/2; each
+half gets its own complete frequency table for dimension R/2 (f_i = theta^(-2i/(R/2)), i < R/4, with the
+config's scaling applied at dimension R/2), the first half is rotated by position #1 and the second by
+position #2, and each half keeps the config's layout (interleaved pairs, or rotate-half within the half).
+This is the 2D RoPE of GLM's later releases (GLM-130B, ChatGLM): each id gets a full RoPE of half the
+width, so both are encoded as relative offsets. With [B, T] or [T] positions nothing of this applies: the
+one-dimensional code path (and its bit-exact match with transformers) is untouched. A model trained with
+2D positions must be run with 2D positions (lmforge.generate.infill); the checkpoint does not record it.
+
 Shape letters: B batch, T tokens, N heads, D head_dim, R rotary dim.
 """
 
@@ -15,6 +26,7 @@ import math
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
 
 
 def _exponents(dim: int, device: torch.device | None) -> torch.Tensor:
@@ -23,13 +35,15 @@ def _exponents(dim: int, device: torch.device | None) -> torch.Tensor:
 
 
 def rope_frequencies(
-    config: ModelConfig, seq_len: int | None = None, device: torch.device | None = None
+    config: ModelConfig, seq_len: int | None = None, device: torch.device | None = None, dim: int | None = None
 ) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [R/2] (fp32) and the cos/sin multiplier, for sequences of `seq_len` tokens.
+    """Inverse frequencies [dim/2] (fp32) and the cos/sin multiplier, for sequences of `seq_len` tokens.
 
-    `seq_len` matters only for the length-dependent variants (dynamic NTK and longrope).
+    `seq_len` matters only for the length-dependent variants (dynamic NTK and longrope). `dim` defaults to
+    the rotary dim R; 2D positions use R/2 (one table per half, see the module docstring).
     """
-    dim, base, s = config.rotary_dim, config.rope_theta, config.rope_scaling
+    base, s = config.rope_theta, config.rope_scaling
+    dim = config.rotary_dim if dim is None else dim
     if s is None:
         return 1.0 / (base ** _exponents(dim, device)), 1.0
 
@@ -59,9 +73,14 @@ def rope_frequencies(
         return torch.where(is_medium, smoothed, scaled), 1.0
 
     if s.rope_type == "yarn":
-        return _yarn(config, device)
+        return _yarn(config, device, dim)
 
     assert s.rope_type == "longrope", s.rope_type
+    if dim != config.rotary_dim:
+        raise LmforgeError(
+            "longrope lists one factor per rotary frequency, so it has no table for 2D (GLM) positions; "
+            "use another rope scaling (or none) for a model trained with the GLM objective."
+        )
     orig = s.original_max_position_embeddings
     factor = s.factor if s.factor is not None else config.max_position_embeddings / orig
     attention_factor = s.attention_factor
@@ -72,11 +91,11 @@ def rope_frequencies(
     return 1.0 / (ext_t * base ** _exponents(dim, device)), attention_factor
 
 
-def _yarn(config: ModelConfig, device: torch.device | None) -> tuple[torch.Tensor, float]:
+def _yarn(config: ModelConfig, device: torch.device | None, dim: int) -> tuple[torch.Tensor, float]:
     """YaRN (Peng et al. 2023, arXiv 2309.00071): interpolate low frequencies, keep high ones."""
     s = config.rope_scaling
     assert s is not None
-    dim, base, factor = config.rotary_dim, config.rope_theta, s.factor
+    base, factor = config.rope_theta, s.factor
     orig = s.original_max_position_embeddings
 
     def mscale(scale: float, m: float = 1.0) -> float:
@@ -118,9 +137,9 @@ class RotaryEmbedding:
             "dynamic",
             "longrope",
         )
-        self._cache: dict[tuple[torch.device, int | None], tuple[torch.Tensor, float]] = {}
+        self._cache: dict[tuple[torch.device, int | None, int], tuple[torch.Tensor, float]] = {}
 
-    def _frequencies(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _frequencies(self, position_ids: torch.Tensor, dim: int) -> tuple[torch.Tensor, float]:
         seq_len = None
         if self.length_dependent:
             seq_len = int(position_ids.max()) + 1
@@ -136,21 +155,32 @@ class RotaryEmbedding:
                 seq_len = None
             elif s.rope_type == "longrope":
                 seq_len = limit + 1
-        key = (position_ids.device, seq_len)
+        key = (position_ids.device, seq_len, dim)
         if key not in self._cache:
             if len(self._cache) > 8:
                 self._cache.clear()
-            self._cache[key] = rope_frequencies(self.config, seq_len, position_ids.device)
+            self._cache[key] = rope_frequencies(self.config, seq_len, position_ids.device, dim)
         return self._cache[key]
 
     def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, T] -> cos, signed sin [B, 1, T, R] in `dtype`, laid out for `apply_rope`.
+        """position_ids [B, T] -> cos, signed sin [B, 1, T, R] in `dtype`, laid out for `apply_rope`;
+        2D position_ids [B, T, 2] -> cos, signed sin [B, 1, T, 2, R/2] (one table per half of R).
 
         The sin table carries the sign of the rotation (-sin on the dims that receive the negated
         partner), computed once per forward for every layer, q and k; -(a*b) == a*(-b) exactly, so the
         results are bit-identical to rotating with negated inputs as the reference does."""
-        inv_freq, scale = self._frequencies(position_ids)
-        freqs = position_ids[..., None].float() * inv_freq  # [B, T, R/2]
+        dim = self.config.rotary_dim
+        if position_ids.dim() == 3:  # GLM 2D positions: each half of R is a full RoPE of width R/2
+            if position_ids.shape[-1] != 2:
+                raise LmforgeError(f"2D position_ids must be [B, T, 2], got {list(position_ids.shape)}.")
+            dim //= 2
+            if dim % 2:
+                raise LmforgeError(
+                    f"2D (GLM) positions split the rotary dims in two halves of rotated pairs, so the rotary dim "
+                    f"(head_dim * partial_rotary_factor = {self.config.rotary_dim}) must be a multiple of 4."
+                )
+        inv_freq, scale = self._frequencies(position_ids, dim)
+        freqs = position_ids[..., None].float() * inv_freq  # [B, T, R/2], or [B, T, 2, R/4] for 2D
         cos, sin = freqs.cos(), freqs.sin()
         if scale != 1.0:
             cos, sin = cos * scale, sin * scale
@@ -158,21 +188,28 @@ class RotaryEmbedding:
         if self.config.rope_interleaved:  # pair i = dims (2i, 2i+1) uses frequency i
             cos = cos.repeat_interleave(2, dim=-1)
             sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
-        else:  # dim i pairs with dim i + R/2
+        else:  # dim i pairs with dim i + R/2 (within each half for 2D)
             cos = torch.cat((cos, cos), dim=-1)
             sin = torch.cat((-sin, sin), dim=-1)
         return cos[:, None], sin[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the first R dims of x [B, N, T, D] by cos / signed sin [B, 1, T, R] (see RotaryEmbedding)."""
-    rot_dim = cos.shape[-1]
+    """Rotate the first R dims of x [B, N, T, D] by cos / signed sin [B, 1, T, R] (see RotaryEmbedding).
+
+    With 2D tables [B, 1, T, 2, R/2] the R dims are viewed as two halves, each rotated with the layout."""
+    two_d = cos.dim() == 5
+    rot_dim = cos.shape[-1] * (2 if two_d else 1)
     partial = rot_dim < x.shape[-1]
     x_rot = x[..., :rot_dim] if partial else x
+    if two_d:
+        x_rot = x_rot.unflatten(-1, (2, -1))  # [B, N, T, 2, R/2]
     if interleaved:
         swapped = x_rot.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
     else:
         x1, x2 = x_rot.chunk(2, dim=-1)
         swapped = torch.cat((x2, x1), dim=-1)
     out = x_rot * cos + swapped * sin
+    if two_d:
+        out = out.flatten(-2)  # [B, N, T, R]
     return torch.cat((out, x[..., rot_dim:]), dim=-1) if partial else out

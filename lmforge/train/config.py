@@ -11,6 +11,9 @@ from typing import Any
 from lmforge.errors import LmforgeError, suggest
 from lmforge.train.optim import SCHEDULES
 
+OBJECTIVES = ("causal", "glm")  # pretraining objectives: next-token prediction, GLM blank infilling
+GLM_VARIANTS = ("token", "sentence", "document", "mixed")  # lmforge.train.glm explains each
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -34,6 +37,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     seed: int = 0
     mask_documents: bool = False  # block-diagonal attention inside packed sequences
+    objective: str = "causal"  # pretraining: causal (next token) | glm (blank infilling, docs/glm.md)
+    glm_variant: str = "token"  # glm: token | sentence | document | mixed
     eval_every: int = 200
     eval_batches: int = 20  # 0: the whole validation split
     save_every: int = 500
@@ -63,6 +68,21 @@ class TrainConfig:
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise LmforgeError(f"training dtype must be float32 or bfloat16, got {self.dtype!r}.")
+        if self.objective not in OBJECTIVES:
+            raise LmforgeError(
+                f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}."
+                + suggest(self.objective, OBJECTIVES)
+            )
+        if self.glm_variant not in GLM_VARIANTS:
+            raise LmforgeError(
+                f"unknown glm_variant {self.glm_variant!r}; use one of {', '.join(GLM_VARIANTS)}."
+                + suggest(self.glm_variant, GLM_VARIANTS)
+            )
+        if self.objective == "glm" and self.mask_documents:
+            raise LmforgeError(
+                "mask_documents applies to the causal objective (packed windows); GLM samples never mix "
+                "documents: drop --mask-documents."
+            )
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise LmforgeError(f"max_minutes must be positive, got {self.max_minutes}.")
 

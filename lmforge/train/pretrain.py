@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,6 +20,7 @@ from lmforge.plots import plot_training
 from lmforge.train.checkpoints import latest_checkpoint
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainResult, train
+from lmforge.train.objectives import causal_lm
 
 
 @dataclass
@@ -97,16 +100,25 @@ def pretrain(
         else build_model(model_spec, shards, tokenizer_dir, cfg.seed)
     )
 
-    loader = PackedLoader(shards, cfg.batch_size, cfg.seq_len, seed=cfg.seed, mask_documents=cfg.mask_documents)
     token_bytes = None
-    if tokenizer_dir is not None:
-        from lmforge.tokenizer import Tokenizer
+    if cfg.objective == "glm":
+        from lmforge.train.glm import glm_objective
 
-        token_bytes = torch.as_tensor(Tokenizer.from_pretrained(tokenizer_dir).token_bytes(), dtype=torch.long)
+        objective = glm_objective
+        loader, val_batches, has_val = _glm_batches(shards, val, tokenizer_dir, cfg, model)
+    else:
+        objective = causal_lm
+        loader = PackedLoader(shards, cfg.batch_size, cfg.seq_len, seed=cfg.seed, mask_documents=cfg.mask_documents)
+        if tokenizer_dir is not None:
+            from lmforge.tokenizer import Tokenizer
 
-    def val_batches():  # a fresh pass over the validation split each time
-        assert val is not None
-        return sequential_batches(val, cfg.batch_size, cfg.seq_len)
+            token_bytes = torch.as_tensor(Tokenizer.from_pretrained(tokenizer_dir).token_bytes(), dtype=torch.long)
+
+        def val_batches():  # a fresh pass over the validation split each time
+            assert val is not None
+            return sequential_batches(val, cfg.batch_size, cfg.seq_len)
+
+        has_val = val is not None and val.num_tokens > cfg.seq_len
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(
@@ -127,7 +139,8 @@ def pretrain(
         loader,
         cfg,
         run_dir,
-        val_batches=val_batches if val is not None and val.num_tokens > cfg.seq_len else None,
+        objective=objective,
+        val_batches=val_batches if has_val else None,
         token_bytes=token_bytes,
         tokenizer_dir=tokenizer_dir,
         resume_from=ckpt,
@@ -137,6 +150,60 @@ def pretrain(
 
     plot = plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title=f"pretrain {model_spec}")
     return PretrainOutput(result, run_dir, model, plot)
+
+
+def _glm_batches(
+    shards: TokenShards, val: TokenShards | None, tokenizer_dir: Path | None, cfg: TrainConfig, model: Transformer
+) -> tuple[Any, Callable[[], Iterator[dict[str, torch.Tensor]]], bool]:
+    """GLM blank-infilling batches (lmforge.train.glm): the training loader, a fresh pass over the validation
+    split (same samples every time), and whether there is one. Needs the glm4 format's special tokens.
+
+    No bits-per-byte is reported: the loss covers only the blanked spans and their <eop>, so it is not
+    comparable with the causal objective's."""
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.glm import GlmLoader, GlmTokens, sentence_end_table
+
+    if tokenizer_dir is None:
+        raise LmforgeError(
+            "--objective glm needs the tokenizer (for [MASK], [gMASK], [sMASK], <sop>, <eop>): pass --tokenizer, "
+            "or prepare the data with a tokenizer trained with --chat-format glm4."
+        )
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    glm = GlmTokens.from_tokenizer(tok)
+    if model.config.rotary_dim % 4:
+        raise LmforgeError(
+            f"--objective glm uses 2D RoPE, which splits the rotary dims in two halves of pairs; this model's "
+            f"rotary dim ({model.config.rotary_dim}) is not a multiple of 4: change head_dim."
+        )
+    ends = sentence_end_table(tok) if cfg.glm_variant in ("sentence", "mixed") else None
+    loader = GlmLoader(
+        shards, glm, cfg.batch_size, cfg.seq_len, variant=cfg.glm_variant, seed=cfg.seed, sentence_ends=ends
+    )
+
+    val_loader = None
+    if val is not None:
+        try:
+            val_loader = GlmLoader(
+                val,
+                glm,
+                cfg.batch_size,
+                cfg.seq_len,
+                variant=cfg.glm_variant,
+                seed=cfg.seed,
+                shuffle=False,
+                sentence_ends=ends,
+            )
+        except LmforgeError:  # no document of two or more tokens in the validation split
+            val_loader = None
+    start = val_loader.state_dict() if val_loader is not None else None
+
+    def val_batches() -> Iterator[dict[str, torch.Tensor]]:  # the same samples every time
+        assert val_loader is not None and start is not None
+        val_loader.load_state_dict(start)
+        return val_loader.one_epoch()
+
+    has_val = val_loader is not None
+    return loader, val_batches, has_val
 
 
 def _has_split(data_dir: Path, split: str) -> bool:
