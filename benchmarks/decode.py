@@ -26,20 +26,9 @@ from lmforge.config import dtype_from_name
 
 def build(name: str, dtype: torch.dtype) -> Transformer:
     if name == "quickstart":
-        from lmforge.quickstart import QuickstartOptions
+        from lmforge.quickstart import model_config
 
-        o = QuickstartOptions()
-        config = ModelConfig(
-            vocab_size=o.vocab_size,
-            hidden_size=o.hidden_size,
-            num_layers=o.num_layers,
-            num_heads=o.num_heads,
-            num_kv_heads=o.num_kv_heads,
-            intermediate_size=o.intermediate_size,
-            rope_theta=500000.0,
-            tie_embeddings=True,
-            max_position_embeddings=1024,
-        )
+        config = model_config()
     else:
         config = ModelConfig.from_preset(name)
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ import torch
 
 import lmforge
 from lmforge import ModelConfig, Transformer
-from lmforge.quickstart import QuickstartOptions, stdlib_files
+from lmforge.quickstart import model_config, stdlib_files
 from lmforge.tokenizer import Tokenizer
 
 
@@ -30,19 +30,7 @@ def build_checkpoint(directory: Path, model_name: str) -> tuple[Tokenizer, list[
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in stdlib_files(3e6)]
     tok = Tokenizer.train(texts, 4096, "llama3")
     if model_name == "quickstart":
-        o = QuickstartOptions()
-        config = ModelConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=o.hidden_size,
-            num_layers=o.num_layers,
-            num_heads=o.num_heads,
-            num_kv_heads=o.num_kv_heads,
-            intermediate_size=o.intermediate_size,
-            tie_embeddings=True,
-            max_position_embeddings=1024,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tuple(tok.stop_token_ids),
-        )
+        config = model_config(tok=tok)
     else:
         config = ModelConfig.from_preset(model_name).replace(dtype="float32")
     torch.manual_seed(0)

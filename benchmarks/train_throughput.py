@@ -29,20 +29,9 @@ from lmforge.train.perf import matmul_peak_flops, training_flops_per_token, tune
 
 
 def quickstart_config() -> ModelConfig:
-    from lmforge.quickstart import QuickstartOptions
+    from lmforge.quickstart import model_config
 
-    o = QuickstartOptions()
-    return ModelConfig(
-        vocab_size=o.vocab_size,
-        hidden_size=o.hidden_size,
-        num_layers=o.num_layers,
-        num_heads=o.num_heads,
-        num_kv_heads=o.num_kv_heads,
-        intermediate_size=o.intermediate_size,
-        rope_theta=500000.0,
-        tie_embeddings=True,
-        max_position_embeddings=1024,
-    )
+    return model_config()
 
 
 def make_step(model: torch.nn.Module, is_hf: bool, batch: torch.Tensor, autocast: bool):

@@ -102,9 +102,11 @@ def unigram_bpb(train: TokenShards, val: TokenShards, val_bytes: int) -> float:
     return float(-logp[val.read(0, val.num_tokens)].sum() / val_bytes)
 
 
-def model_config(opts: QuickstartOptions, tok: Tokenizer) -> ModelConfig:
+def model_config(opts: QuickstartOptions | None = None, tok: Tokenizer | None = None) -> ModelConfig:
+    """The quickstart's Llama-3-style model (also what the benchmarks measure); special ids from `tok`."""
+    opts = opts or QuickstartOptions()
     return ModelConfig(
-        vocab_size=tok.vocab_size,
+        vocab_size=tok.vocab_size if tok is not None else opts.vocab_size,
         hidden_size=opts.hidden_size,
         num_layers=opts.num_layers,
         num_heads=opts.num_heads,
@@ -113,8 +115,8 @@ def model_config(opts: QuickstartOptions, tok: Tokenizer) -> ModelConfig:
         rope_theta=500000.0,
         tie_embeddings=True,
         max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tuple(tok.stop_token_ids),
+        bos_token_id=tok.bos_token_id if tok is not None else None,
+        eos_token_id=tuple(tok.stop_token_ids) if tok is not None else (),
         family="llama",
         source="lmforge quickstart",
     )
@@ -243,6 +245,27 @@ def evaluate_stage(checkpoint: Path, task: DocstringTask, tok: Tokenizer) -> dic
     }
 
 
+def _stage_config(
+    opts: QuickstartOptions, minutes: float, batch_size: int, lr: float, warmup_steps: int
+) -> TrainConfig:
+    """A fine-tuning stage: time-bounded, cosine to 10%, no weight decay, sequences of 192 tokens."""
+    return TrainConfig(
+        steps=1_000_000,
+        batch_size=batch_size,
+        seq_len=192,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        schedule="cosine",
+        min_lr_ratio=0.1,
+        weight_decay=0.0,
+        dtype=opts.dtype,
+        seed=opts.seed,
+        eval_every=0,
+        save_every=0,
+        max_minutes=minutes,
+    )
+
+
 def run_finetune_stages(
     opts: QuickstartOptions, files: list[Path], tok: Tokenizer, base: Path | None, say
 ) -> dict[str, dict[str, float]]:
@@ -260,42 +283,14 @@ def run_finetune_stages(
     current = base
     if "sft" in opts.stages:
         say(f"[7] SFT for {opts.sft_minutes:g} minutes")
-        cfg = TrainConfig(
-            steps=1_000_000,
-            batch_size=16,
-            seq_len=192,
-            lr=1e-3,
-            warmup_steps=20,
-            schedule="cosine",
-            min_lr_ratio=0.1,
-            weight_decay=0.0,
-            dtype=opts.dtype,
-            seed=opts.seed,
-            eval_every=0,
-            save_every=0,
-            max_minutes=opts.sft_minutes,
-        )
+        cfg = _stage_config(opts, opts.sft_minutes, batch_size=16, lr=1e-3, warmup_steps=20)
         current = finetune(
             current, task.sft, opts.out / "sft", cfg, val_fraction=0.02, progress=opts.progress
         ).result.checkpoint
         results["sft"] = evaluate_stage(current, task, tok)
     if "dpo" in opts.stages:
         say(f"[8] DPO for {opts.dpo_minutes:g} minutes")
-        cfg = TrainConfig(
-            steps=1_000_000,
-            batch_size=8,
-            seq_len=192,
-            lr=2e-4,
-            warmup_steps=10,
-            schedule="cosine",
-            min_lr_ratio=0.1,
-            weight_decay=0.0,
-            dtype=opts.dtype,
-            seed=opts.seed,
-            eval_every=0,
-            save_every=0,
-            max_minutes=opts.dpo_minutes,
-        )
+        cfg = _stage_config(opts, opts.dpo_minutes, batch_size=8, lr=2e-4, warmup_steps=10)
         current = dpo(
             current, task.dpo, opts.out / "dpo", cfg, beta=0.1, val_fraction=0.02, progress=opts.progress
         ).result.checkpoint
