@@ -274,7 +274,7 @@ def run_finetune_stages(
     from lmforge.finetune.sft import finetune
 
     assert base is not None
-    task = build_task(files, tok, opts.out / "docstrings", seed=opts.seed)
+    task = build_task(files, tok, opts.out / "docstrings", max_train=6000, max_eval=400, seed=opts.seed)
     say(
         f"[6] docstring task: {task.train_functions} training / {task.held_out_functions} held-out functions "
         f"-> {opts.out / 'docstrings'}"
@@ -290,9 +290,9 @@ def run_finetune_stages(
         results["sft"] = evaluate_stage(current, task, tok)
     if "dpo" in opts.stages:
         say(f"[8] DPO for {opts.dpo_minutes:g} minutes")
-        cfg = _stage_config(opts, opts.dpo_minutes, batch_size=8, lr=2e-4, warmup_steps=10)
+        cfg = _stage_config(opts, opts.dpo_minutes, batch_size=8, lr=1e-4, warmup_steps=10)
         current = dpo(
-            current, task.dpo, opts.out / "dpo", cfg, beta=0.1, val_fraction=0.02, progress=opts.progress
+            current, task.dpo, opts.out / "dpo", cfg, beta=1.0, val_fraction=0.02, progress=opts.progress
         ).result.checkpoint
         results["dpo"] = evaluate_stage(current, task, tok)
     return results
