@@ -1,6 +1,6 @@
 """Speculative decoding: speed-up and acceptance rate against greedy decoding with the target alone.
 
-Target: a random model with a preset's shape (qwen2.5-0.5b by default, fp32). Draft: the target's own first
+Target: a random model with a preset's shape (qwen2.5-0.5b by default, bf16). Draft: the target's own first
 `--draft-layers` layers with its embedding, final norm and head (a "layer-skip" draft that needs no second
 training run). With plain random weights every layer changes the prediction and such a draft almost never
 agrees (0% acceptance measured), so the target's sub-layer output projections are scaled by
@@ -42,10 +42,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--residual-scale", type=float, default=0.1, help="scale of o_proj and down_proj weights")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    target = Transformer(ModelConfig.from_preset(args.preset), dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    target = Transformer(ModelConfig.from_preset(args.preset), dtype=dtype).eval()
     with torch.no_grad():
         for block in target.layers:
             block.attn.o_proj.weight.mul_(args.residual_scale)
@@ -61,7 +63,7 @@ def main() -> None:
     t_greedy = time.perf_counter() - t0
     r = speculative_generate(target, draft, prompt, args.new_tokens, num_draft_tokens=args.k, eos_token_id=())
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; target {args.preset} (random, fp32, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; target {args.preset} (random, {args.dtype}, "
         f"{target.config.num_layers} layers, residual scale {args.residual_scale}), draft = its first "
         f"{args.draft_layers} layers, k = {args.k}, "
         f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens"
