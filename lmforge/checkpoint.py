@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge.atomic import write_directory
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
@@ -290,6 +289,10 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> Itera
         yield hf, t if dtype is None else t.to(dtype)
 
 
+# What a checkpoint directory owns; anything else found there (a tokenizer, a README) is kept on re-save.
+_OWNED = re.compile(r"(model.*\.safetensors|model\.safetensors\.index\.json|config\.json|generation_config\.json)$")
+
+
 def save_pretrained(
     model: Transformer,
     path: str | os.PathLike,
@@ -304,16 +307,10 @@ def save_pretrained(
     crash never leaves a half-written checkpoint in place of a good one. Files already in `path` that are
     not weights or configs (a tokenizer, a README) are kept.
     """
-    path = Path(path).resolve()
     limit = _parse_size(max_shard_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
-        config = model.config
-        if dtype is not None:
-            config = config.replace(dtype=str(dtype).removeprefix("torch."))
-        else:
-            config = config.replace(dtype=str(model.embed.weight.dtype).removeprefix("torch."))
+    config = model.config.replace(dtype=str(dtype or model.embed.weight.dtype).removeprefix("torch."))
+
+    def write(tmp: Path) -> None:
         _write_shards(model, tmp, dtype, limit)
         (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
         gen = {
@@ -324,11 +321,8 @@ def save_pretrained(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_directory(path, write, owned=lambda name: bool(_OWNED.fullmatch(name)))
 
 
 def _write_shards(model: Transformer, out: Path, dtype: torch.dtype | None, limit: int) -> None:
@@ -359,29 +353,3 @@ def _write_shards(model: Transformer, out: Path, dtype: torch.dtype | None, limi
         weight_map.update(dict.fromkeys(shard, fname))
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-_OWNED = re.compile(r"(model.*\.safetensors|model\.safetensors\.index\.json|config\.json|generation_config\.json)$")
-
-
-def _swap_into_place(tmp: Path, path: Path) -> None:
-    """Move the finished directory to `path`, keeping foreign files and replacing the old one last."""
-    if path.exists() and not path.is_dir():
-        raise LmforgeError(f"{path} exists and is a file; choose a directory path to save into.")
-    if path.exists():
-        for item in path.iterdir():
-            if not _OWNED.fullmatch(item.name) and not (tmp / item.name).exists():
-                if item.is_dir():
-                    shutil.copytree(item, tmp / item.name)
-                else:
-                    shutil.copy2(item, tmp / item.name)
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)  # put the previous checkpoint back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)

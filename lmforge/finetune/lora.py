@@ -36,9 +36,7 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.atomic import write_directory
 from lmforge.checkpoint import to_hf_modules, write_safetensors
 from lmforge.errors import LmforgeError, suggest
 from lmforge.model import Transformer
@@ -448,48 +447,8 @@ def save_adapter(
         write_safetensors(tmp / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
 
-    return _write_dir_atomically(Path(path), write, owned={ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin"})
-
-
-def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    try:
-        os.link(src, dst)  # no second copy of a large file; the old directory is deleted afterwards
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _write_dir_atomically(path: Path, write: Callable[[Path], None], owned: set[str]) -> Path:
-    """Run `write(tmp)` on a fresh sibling directory, then swap it in for `path`, keeping `path`'s other
-    files (those not in `owned`). A failure at any point leaves `path` as it was."""
-    path = path.absolute()
-    if path.exists() and not path.is_dir():
-        raise LmforgeError(f"{path} exists and is a file; choose a directory path to save the adapter into.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
-        write(tmp)
-        if not path.exists():
-            os.replace(tmp, path)
-            return path
-        for item in path.iterdir():
-            if item.name in owned or (tmp / item.name).exists():
-                continue
-            if item.is_dir() and not item.is_symlink():
-                shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy, symlinks=True)
-            else:
-                _link_or_copy(item, tmp / item.name)
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)  # put the previous adapter back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    owned = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin"}
+    return write_directory(path, write, owned=owned.__contains__)
 
 
 # --- PEFT format: loading --------------------------------------------------------------------------
