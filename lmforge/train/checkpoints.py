@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.atomic import write_directory
 from lmforge.checkpoint import save_pretrained
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
@@ -64,32 +64,23 @@ def save_checkpoint(
 
     `save_model` writes the weights (default: the whole model in HF format; LoRA runs save only adapters)."""
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         save_model(model, tmp)
         if tokenizer_dir is not None:
             for f in tokenizer_dir.iterdir():
                 if f.is_file() and f.name.startswith(("tokenizer", "special_tokens_map")):
                     shutil.copy2(f, tmp / f.name)
         torch.save(trainer_state, tmp / STATE_FILE)
-        if final.exists():  # re-saving a step after a resume: move the old one aside first
-            old = root / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # Re-saving a step after a resume replaces that step's directory whole (nothing is carried over).
+    final = write_directory(root / f"step-{step:08d}", write, owned=lambda name: True)
     pointer = root / ".latest.tmp"
     pointer.write_text(final.name + "\n")
     os.replace(pointer, root / "latest")
     complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in complete[:-keep_last] if keep_last > 0 else []:
-        if old != final:
+        if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
