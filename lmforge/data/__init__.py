@@ -8,7 +8,15 @@ loader = PackedLoader(TokenShards("data/"), 16, 256)      # loader.py: infinite,
 
 from lmforge.data.clean import CleanReport, clean_documents, clean_text
 from lmforge.data.loader import PackedLoader, position_ids, sequential_batches
-from lmforge.data.shards import PrepareReport, SplitReport, TokenizerLike, TokenShards, prepare, split_indices
+from lmforge.data.shards import (
+    PrepareReport,
+    SplitReport,
+    TokenizerLike,
+    TokenShards,
+    has_split,
+    prepare,
+    split_indices,
+)
 from lmforge.data.sources import Document, DocumentStream, SkippedFile, iter_documents, resolve_inputs
 
 __all__ = [
@@ -23,6 +31,7 @@ __all__ = [
     "TokenizerLike",
     "clean_documents",
     "clean_text",
+    "has_split",
     "iter_documents",
     "position_ids",
     "prepare",

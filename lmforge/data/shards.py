@@ -410,6 +410,15 @@ def _load_index(data_dir: Path) -> dict[str, Any]:
     return index
 
 
+def has_split(data_dir: str | os.PathLike, split: str) -> bool:
+    """Whether `data_dir` (written by `prepare`) has a split of that name with at least one token."""
+    try:
+        splits = json.loads((Path(data_dir) / INDEX).read_text(encoding="utf-8")).get("splits", {})
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(splits.get(split, {}).get("tokens"))
+
+
 class TokenShards:
     """Read side of a data directory: one split's shards, memory-mapped read-only, as one token stream.
 

@@ -144,9 +144,9 @@ def _generation(model: Transformer, tokenizer: Any, path: Path, s: EvalSettings)
 def _perplexity(model: Transformer, tokenizer: Any, path: Path, s: EvalSettings) -> tuple[dict, int, list]:
     max_length = s.max_length or model.config.max_position_embeddings
     if path.is_dir():
-        from lmforge.data.shards import TokenShards
+        from lmforge.data.shards import TokenShards, has_split
 
-        split = "val" if (path / "index.json").is_file() and _has_split(path, "val") else "train"
+        split = "val" if has_split(path, "val") else "train"
         result = shard_perplexity(
             model, TokenShards(path, split), max_length, s.stride, s.batch_size, progress=s.progress
         )
@@ -154,10 +154,6 @@ def _perplexity(model: Transformer, tokenizer: Any, path: Path, s: EvalSettings)
         texts = load_texts(path)[: s.limit]
         result = text_perplexity(model, tokenizer, texts, max_length, s.stride, s.batch_size, s.progress)
     return result.metrics(), result.documents, []
-
-
-def _has_split(path: Path, split: str) -> bool:
-    return split in json.loads((path / "index.json").read_text()).get("splits", {})
 
 
 def write_results(results: list[TaskResult], model_path: str, settings: EvalSettings, out: Path) -> tuple[Path, Path]:

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 
 from lmforge.checkpoint import load_pretrained
 from lmforge.data.loader import PackedLoader, sequential_batches
-from lmforge.data.shards import TokenShards
+from lmforge.data.shards import TokenShards, has_split
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.plots import plot_training, read_metrics
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoints import latest_checkpoint, resolve_model_dir
+from lmforge.train.checkpoints import checkpoint_to_resume, resolve_model_dir
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainResult, train
 from lmforge.train.objectives import IGNORE_INDEX, LossOutput, token_cross_entropy
@@ -86,13 +86,7 @@ def distill(
             f"{teacher_model.config.vocab_size}; prepare the data with the teacher's tokenizer."
         )
 
-    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if resume != (ckpt is not None):
-        raise LmforgeError(
-            f"--resume needs an existing run in {run_dir}"
-            if resume
-            else f"{run_dir} already holds a run; pass --resume or choose another --out."
-        )
+    ckpt = checkpoint_to_resume(run_dir, resume)
     student_dir = resolve_model_dir(student)
     if ckpt is not None:
         model = load_pretrained(ckpt, dtype=torch.float32)
@@ -115,7 +109,7 @@ def distill(
 
     objective = distill_objective(teacher_model, temperature, alpha)
     loader = PackedLoader(shards, cfg.batch_size, cfg.seq_len, seed=cfg.seed, mask_documents=cfg.mask_documents)
-    val = TokenShards(data, "val") if (data / "val-00000.bin").exists() else None
+    val = TokenShards(data, "val") if has_split(data, "val") else None
     val_batches = (
         (lambda: sequential_batches(val, cfg.batch_size, cfg.seq_len)) if val and val.num_tokens > cfg.seq_len else None
     )

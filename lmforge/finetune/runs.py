@@ -14,7 +14,7 @@ from lmforge.checkpoint import load_pretrained, save_pretrained
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoints import latest_checkpoint, resolve_model_dir
+from lmforge.train.checkpoints import checkpoint_to_resume, resolve_model_dir
 
 
 @dataclass
@@ -33,14 +33,7 @@ def start_run(model: str | Path, run_dir: Path, method: str, lora: Any | None, r
         raise LmforgeError(f"--method must be 'full' or 'lora', got {method!r}.")
     if method == "lora" and lora is None:
         raise LmforgeError("--method lora needs a LoRA configuration (--lora-r, --lora-alpha, --lora-targets).")
-    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if resume and ckpt is None:
-        raise LmforgeError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start a new run.")
-    if not resume and ckpt is not None:
-        raise LmforgeError(
-            f"{run_dir} already holds a run (latest checkpoint {ckpt.name}); pass --resume to continue it "
-            "or choose another --out."
-        )
+    ckpt = checkpoint_to_resume(run_dir, resume)
     base_dir = resolve_model_dir(model)
     if not (base_dir / "tokenizer.json").is_file():
         raise LmforgeError(f"{base_dir} has no tokenizer.json; fine-tuning renders text with the model's tokenizer.")

@@ -96,6 +96,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpt
 
 
+def checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint a run continues from: the latest one with `resume`, None for a new run. Never starts a
+    new run over an existing one (that would mix two runs' checkpoints), nor resumes from nothing."""
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if resume and ckpt is None:
+        raise LmforgeError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start a new run.")
+    if not resume and ckpt is not None:
+        raise LmforgeError(
+            f"{run_dir} already holds a run (latest checkpoint {ckpt.name}); pass --resume to continue it "
+            "or choose another --out."
+        )
+    return ckpt
+
+
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     try:
         return torch.load(ckpt / STATE_FILE, weights_only=True)

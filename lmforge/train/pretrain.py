@@ -13,11 +13,11 @@ import torch
 from lmforge.checkpoint import load_pretrained
 from lmforge.config import ModelConfig
 from lmforge.data.loader import PackedLoader, sequential_batches
-from lmforge.data.shards import TokenShards
+from lmforge.data.shards import TokenShards, has_split
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.plots import plot_training
-from lmforge.train.checkpoints import latest_checkpoint
+from lmforge.train.checkpoints import checkpoint_to_resume
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainResult, train
 from lmforge.train.objectives import causal_lm
@@ -83,17 +83,10 @@ def pretrain(
 ) -> PretrainOutput:
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     shards = TokenShards(data_dir, "train")
-    val = TokenShards(data_dir, "val") if _has_split(data_dir, "val") else None
+    val = TokenShards(data_dir, "val") if has_split(data_dir, "val") else None
     tokenizer_dir = find_tokenizer_dir(data_dir, tokenizer)
 
-    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if resume and ckpt is None:
-        raise LmforgeError(f"--resume: {run_dir} has no checkpoint to resume from; drop --resume to start a new run.")
-    if not resume and ckpt is not None:
-        raise LmforgeError(
-            f"{run_dir} already holds a run (latest checkpoint {ckpt.name}); pass --resume to continue it "
-            "or choose another --out."
-        )
+    ckpt = checkpoint_to_resume(run_dir, resume)
     model = (
         load_pretrained(ckpt, dtype=torch.float32)
         if ckpt is not None
@@ -204,11 +197,3 @@ def _glm_batches(
 
     has_val = val_loader is not None
     return loader, val_batches, has_val
-
-
-def _has_split(data_dir: Path, split: str) -> bool:
-    index = data_dir / "index.json"
-    try:
-        return split in json.loads(index.read_text()).get("splits", {})
-    except (OSError, json.JSONDecodeError):
-        return False
