@@ -21,7 +21,7 @@ from lmforge.config import ModelConfig
 from lmforge.data import TokenShards, prepare
 from lmforge.errors import LmforgeError
 from lmforge.finetune.docstrings import DocstringTask, build_task
-from lmforge.generate.decode import stream_tokens
+from lmforge.generate.api import generate
 from lmforge.plots import plot_bars
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import TrainConfig
@@ -123,15 +123,19 @@ def model_config(opts: QuickstartOptions | None = None, tok: Tokenizer | None = 
 
 
 def complete(model: torch.nn.Module, tok: Tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
-    ids = [tok.bos_token_id, *tok.encode(prompt)] if tok.bos_token_id is not None else tok.encode(prompt)
-    out: list[int] = []
-    stops = set(tok.stop_token_ids)
-    for step in stream_tokens(model, [ids], max_new_tokens, do_sample=True, temperature=0.8, top_k=50, seed=seed):
-        token = int(step[0])
-        if token in stops:
-            break
-        out.append(token)
-    return prompt + tok.decode(out)
+    ids = tok.encode(prompt, add_special_tokens=True)  # BOS first, as in training
+    stops = tok.stop_token_ids
+    out = generate(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=0.8,
+        top_k=50,
+        seed=seed,
+        eos_token_id=stops,
+    )
+    return prompt + tok.decode([t for t in out if t not in stops])
 
 
 def run_quickstart(opts: QuickstartOptions) -> QuickstartResult:

@@ -1,4 +1,6 @@
-"""Greedy and sampled decoding over an explicit KV cache: prefill, then one token at a time.
+"""The decoding loop's model side: a batch's KV cache, prefill, then one token per row per step.
+
+Choosing the tokens (greedy, sampling, beams) is done by the callers in api.py, beam.py and speculative.py.
 
 Prompts of different lengths are left-padded into one batch: each row gets position ids that start at 0
 at its first real token and an attention mask that hides its padding, so every row decodes exactly as
@@ -9,7 +11,7 @@ Shape letters: B batch, P padded prompt length, V vocab.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,59 +103,3 @@ class Decoder:
             p.attention_mask.index_select(0, index),
             [p.lengths[i] for i in index.tolist()],
         )
-
-
-def sample_next(
-    logits: torch.Tensor,
-    do_sample: bool,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The next token per row: argmax, or a draw from the temperature/top-k/top-p filtered softmax."""
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=False)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative <= 1 - top_p
-        drop_sorted[..., -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def stream_tokens(
-    model: Transformer,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    seed: int | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row [B], until max_new_tokens or every row has produced an EOS."""
-    if max_new_tokens <= 0:
-        raise LmforgeError(f"max_new_tokens must be positive, got {max_new_tokens}.")
-    device = next(model.parameters()).device
-    batch = left_pad(prompts, device)
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []), device=device)
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    decoder = Decoder(model, batch, max_new_tokens)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    logits = decoder.prefill()
-    for i in range(max_new_tokens):
-        tokens = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
-        yield tokens
-        finished |= torch.isin(tokens, eos)
-        if bool(finished.all()) or i == max_new_tokens - 1:
-            return
-        logits = decoder.step(tokens)
