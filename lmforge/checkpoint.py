@@ -115,6 +115,31 @@ def read_hf_config(path: Path) -> dict[str, Any]:
         raise LmforgeError(f"{cfg} is not valid JSON ({e}); repair or re-download it.") from None
 
 
+def config_from_spec(spec: str | os.PathLike) -> ModelConfig:
+    """A preset name, an HF checkpoint directory, or a config file (HF config.json or an lmforge dict)."""
+    from lmforge.errors import suggest
+    from lmforge.presets import PRESETS
+
+    if str(spec) in PRESETS:
+        return PRESETS[str(spec)]
+    path = Path(spec)
+    if path.is_dir():
+        return ModelConfig.from_hf(read_hf_config(path))
+    if path.is_file():
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LmforgeError(f"{path} is not valid JSON ({e}); fix the file.") from None
+        if not isinstance(d, dict):
+            raise LmforgeError(f"{path} must hold a JSON object with the model's config.")
+        return ModelConfig.from_hf(d) if "model_type" in d else ModelConfig.from_dict(d)
+    raise LmforgeError(
+        f"{str(spec)!r} is neither a preset nor an existing path."
+        + suggest(str(spec), PRESETS)
+        + " `lmforge info --list` shows the presets."
+    )
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
     index = path / "model.safetensors.index.json"
@@ -152,13 +177,19 @@ def _open_safetensors(file: Path, safe_open: Any) -> Any:
 
 
 def load_pretrained(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
 ) -> Transformer:
     """Load an HF-format directory (config.json + model.safetensors or a sharded index).
 
-    dtype None keeps the stored dtype; tensors that need no conversion stay memory-mapped.
+    dtype None keeps the stored dtype; "auto" keeps it too unless it is a half precision that is slow on
+    this machine (then fp32, see lmforge.runtime); tensors that need no conversion stay memory-mapped.
     """
     from safetensors import safe_open
+
+    from lmforge.config import dtype_from_name
+    from lmforge.runtime import inference_dtype
+
+    wanted = dtype
 
     path = Path(path)
     config = ModelConfig.from_hf(read_hf_config(path))
@@ -191,8 +222,11 @@ def load_pretrained(
             tensor = handles[file].get_tensor(hf)
         except Exception as e:
             raise LmforgeError(f"cannot read tensor {hf} from {file} ({e}); the file is corrupt: re-save it.") from None
-        if dtype is None:
-            dtype = tensor.dtype
+        if not isinstance(dtype, torch.dtype):  # the first tensor tells the stored dtype
+            if wanted == "auto":
+                dtype = inference_dtype("auto", tensor.dtype, device)
+            else:
+                dtype = tensor.dtype if wanted is None else dtype_from_name(str(wanted))
         parts = tensor.chunk(len(ours), dim=0) if len(ours) > 1 else (tensor,)
         for name, part in zip(ours, parts, strict=True):
             if tuple(part.shape) != expected[name]:

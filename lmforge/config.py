@@ -2,8 +2,8 @@
 
 The three families are the same decoder up to the handful of fields below (see REFERENCE.md section 1).
 `family` only decides how a checkpoint is named on disk (checkpoint.py); the model never branches on it.
-HuggingFace `config.json` dicts are read and written here too, in both the old (`rope_theta` +
-`rope_scaling`) and the new (`rope_parameters`) style.
+HuggingFace `config.json` dicts are converted by hf_config.py; reading them from disk is the checkpoint
+side's job (`lmforge.checkpoint.config_from_spec`): this module does no file I/O.
 """
 
 from __future__ import annotations
@@ -252,35 +252,6 @@ class ModelConfig:
         from lmforge.hf_config import config_from_hf
 
         return config_from_hf(hf)
-
-    @classmethod
-    def from_spec(cls, spec: str) -> ModelConfig:
-        """A preset name, an HF checkpoint directory, or a config file (HF config.json or lmforge dict)."""
-        import json
-        from pathlib import Path
-
-        from lmforge.presets import PRESETS
-
-        if spec in PRESETS:
-            return PRESETS[spec]
-        path = Path(spec)
-        if path.is_dir():
-            from lmforge.checkpoint import read_hf_config
-
-            return cls.from_hf(read_hf_config(path))
-        if path.is_file():
-            try:
-                d = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise LmforgeError(f"{path} is not valid JSON ({e}); fix the file.") from None
-            if not isinstance(d, dict):
-                raise LmforgeError(f"{path} must hold a JSON object with the model's config.")
-            return cls.from_hf(d) if "model_type" in d else cls.from_dict(d)
-        raise LmforgeError(
-            f"{spec!r} is neither a preset nor an existing path."
-            + suggest(spec, PRESETS)
-            + " `lmforge info --list` shows the presets."
-        )
 
     def to_hf(self) -> dict[str, Any]:
         from lmforge.hf_config import config_to_hf

@@ -17,7 +17,7 @@ import torch
 
 from lmforge import LmforgeError, ModelConfig, Transformer
 from lmforge.cli import main as cli_main
-from lmforge.commands.generate import load_model_and_tokenizer
+from lmforge.loading import load_model_and_tokenizer
 from lmforge.data import TokenShards, prepare
 from lmforge.generate.infill import infill, infill_ids, infill_with_spans
 from lmforge.generate.kv_cache import KVCache

@@ -33,8 +33,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "evaluate a model: perplexity/bits per byte, multiple choice, generation metrics", _eval_args)
 def run_eval(args: argparse.Namespace) -> int:
-    from lmforge.commands.generate import load_model_and_tokenizer
     from lmforge.eval.run import EvalSettings, format_table, run_task, write_results
+    from lmforge.loading import load_model_and_tokenizer
 
     if args.batch_size <= 0 or (args.limit is not None and args.limit <= 0) or args.num_fewshot < 0:
         raise LmforgeError("--batch-size and --limit must be positive and --num-fewshot >= 0.")

@@ -12,23 +12,7 @@ from typing import Any
 
 from lmforge.cli import command
 from lmforge.errors import LmforgeError
-
-
-def load_model_and_tokenizer(spec: str, dtype: str | None, need_tokenizer: bool = True) -> tuple[Any, Any]:
-    """A checkpoint directory (or a run directory: its latest checkpoint) and the tokenizer stored with it."""
-    from lmforge.checkpoint import load_pretrained
-    from lmforge.config import dtype_from_name
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoints import resolve_model_dir
-
-    path = resolve_model_dir(spec)
-    model = load_pretrained(path, dtype=dtype_from_name(dtype) if dtype else None)
-    tokenizer = None
-    if (path / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_pretrained(path)
-    elif need_tokenizer:
-        raise LmforgeError(f"{path} has no tokenizer.json; save the tokenizer next to the weights.")
-    return model, tokenizer
+from lmforge.loading import load_model_and_tokenizer
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -92,9 +76,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from lmforge.generate.api import generate, generate_stream
 
     if args.infill is not None:
-        from lmforge.generate.infill import run_infill_command
-
-        return run_infill_command(args)
+        return _run_infill(args)
     model, tok = load_model_and_tokenizer(args.model, args.dtype)
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     if not text:
@@ -227,10 +209,11 @@ def run_bench(args: argparse.Namespace) -> int:
     if Path(args.model).exists():
         model, _ = load_model_and_tokenizer(args.model, args.dtype, need_tokenizer=False)
     else:
-        from lmforge.config import ModelConfig, dtype_from_name
+        from lmforge.checkpoint import config_from_spec
+        from lmforge.config import dtype_from_name
         from lmforge.model import Transformer
 
-        config = ModelConfig.from_spec(args.model)
+        config = config_from_spec(args.model)
         model = Transformer(config, dtype=dtype_from_name(args.dtype or "bfloat16"))
     rows = bench_model(model, args.prompt_tokens, args.gen_tokens, args.repeats)
     params = sum(p.numel() for p in model.parameters())
@@ -263,4 +246,35 @@ def run_bench(args: argparse.Namespace) -> int:
         f"KV cache: {human(kv_per_token, 'B')} per token ({c.num_kv_heads} of {c.num_heads} heads stored), "
         f"{human(full, 'B')} for {args.prompt_tokens + args.gen_tokens} tokens"
     )
+    return 0
+
+
+def _run_infill(args: argparse.Namespace) -> int:
+    """`lmforge generate --model DIR --infill "text with [MASK] inside"`: print the filled text."""
+    from lmforge.generate.infill import infill_with_spans
+
+    clashing = [
+        flag
+        for flag, given in (
+            ("--prompt", getattr(args, "prompt", None) is not None),
+            ("--chat", getattr(args, "chat", False)),
+            ("--stream", getattr(args, "stream", False)),
+            ("--draft-model", getattr(args, "draft_model", None)),
+        )
+        if given
+    ]
+    if clashing:
+        raise LmforgeError(f"--infill takes the whole text itself; drop {', '.join(clashing)}.")
+    model, tok = load_model_and_tokenizer(args.model, getattr(args, "dtype", None))
+    options = generation_options(args)
+    t0 = time.perf_counter()
+    text, spans = infill_with_spans(model, tok, args.infill, **options)
+    dt = time.perf_counter() - t0
+    if getattr(args, "json", False):
+        fills = [tok.decode(s, skip_special_tokens=True) for s in spans]
+        print(json.dumps({"text": text, "spans": fills, "ids": spans}))
+    else:
+        print(text)
+    n = sum(len(s) for s in spans)
+    print(f"filled {len(spans)} blank(s) with {n} tokens in {dt:.2f} s", file=sys.stderr)
     return 0

@@ -20,6 +20,7 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 
 @command("info", "parameters, memory, KV-cache and FLOPs of a preset or checkpoint", _info_args)
 def run_info(args: argparse.Namespace) -> int:
+    from lmforge.checkpoint import config_from_spec
     from lmforge.config import ModelConfig, list_presets
     from lmforge.info import format_stats, human, model_stats
 
@@ -38,7 +39,7 @@ def run_info(args: argparse.Namespace) -> int:
         return 0
     if args.seq_len <= 0:
         raise LmforgeError("--seq-len must be positive.")
-    config = ModelConfig.from_spec(args.model)
+    config = config_from_spec(args.model)
     stats = model_stats(config, args.seq_len)
     print(json.dumps(stats) if args.json else format_stats(args.model, stats))
     return 0
@@ -60,8 +61,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from lmforge.checkpoint import load_pretrained, save_pretrained
-    from lmforge.config import ModelConfig, dtype_from_name
+    from lmforge.checkpoint import config_from_spec, load_pretrained, save_pretrained
+    from lmforge.config import dtype_from_name
     from lmforge.info import human
     from lmforge.model import Transformer
 
@@ -76,7 +77,7 @@ def run_convert(args: argparse.Namespace) -> int:
             if f.is_file() and (f.name == "generation_config.json" or f.name.startswith(_TOKENIZER_FILES)):
                 extra[f.name] = f.read_text()
     else:
-        config = ModelConfig.from_spec(args.source)
+        config = config_from_spec(args.source)
         torch.manual_seed(args.seed)
         model = Transformer(config, dtype=dtype or dtype_from_name(config.dtype))
         what = f"initialised {args.source} randomly (seed {args.seed}, std {config.initializer_range})"

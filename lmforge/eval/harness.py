@@ -42,9 +42,9 @@ class LmforgeLM(LM):
         **_ignored: Any,
     ) -> None:
         super().__init__()
-        from lmforge.commands.generate import load_model_and_tokenizer
+        from lmforge.loading import load_model_and_tokenizer
 
-        self.model, self.tokenizer = load_model_and_tokenizer(pretrained, dtype)
+        self.model, self.tokenizer = load_model_and_tokenizer(pretrained, dtype or "auto")
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
 

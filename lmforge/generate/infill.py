@@ -16,11 +16,7 @@ Shape letters: A Part A length, V vocab.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -149,34 +145,3 @@ def infill(model: Transformer, tokenizer: Any, text_with_masks: str, max_new_tok
     other options are those of `lmforge.generate` (greedy unless do_sample=True). A space right before a
     blank is given back in front of its filled text."""
     return infill_with_spans(model, tokenizer, text_with_masks, max_new_tokens=max_new_tokens, **options)[0]
-
-
-def run_infill_command(args: argparse.Namespace) -> int:
-    """`lmforge generate --model DIR --infill "text with [MASK] inside"`: print the filled text."""
-    from lmforge.commands.generate import generation_options, load_model_and_tokenizer
-
-    clashing = [
-        flag
-        for flag, given in (
-            ("--prompt", getattr(args, "prompt", None) is not None),
-            ("--chat", getattr(args, "chat", False)),
-            ("--stream", getattr(args, "stream", False)),
-            ("--draft-model", getattr(args, "draft_model", None)),
-        )
-        if given
-    ]
-    if clashing:
-        raise LmforgeError(f"--infill takes the whole text itself; drop {', '.join(clashing)}.")
-    model, tok = load_model_and_tokenizer(args.model, getattr(args, "dtype", None))
-    options = generation_options(args)
-    t0 = time.perf_counter()
-    text, spans = infill_with_spans(model, tok, args.infill, **options)
-    dt = time.perf_counter() - t0
-    if getattr(args, "json", False):
-        fills = [tok.decode(s, skip_special_tokens=True) for s in spans]
-        print(json.dumps({"text": text, "spans": fills, "ids": spans}))
-    else:
-        print(text)
-    n = sum(len(s) for s in spans)
-    print(f"filled {len(spans)} blank(s) with {n} tokens in {dt:.2f} s", file=sys.stderr)
-    return 0

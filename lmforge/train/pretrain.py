@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from lmforge.checkpoint import load_pretrained
-from lmforge.config import ModelConfig
+from lmforge.checkpoint import config_from_spec, load_pretrained
 from lmforge.data.loader import PackedLoader, sequential_batches
 from lmforge.data.shards import TokenShards, has_split
 from lmforge.errors import LmforgeError
@@ -54,7 +53,7 @@ def build_model(spec: str, shards: TokenShards, tokenizer_dir: Path | None, seed
                 "token ids; prepare the data with this model's tokenizer."
             )
         return model
-    config = ModelConfig.from_spec(spec)
+    config = config_from_spec(spec)
     changes: dict = {"vocab_size": shards.vocab_size, "eos_token_id": (shards.eos_token_id,)}
     if tokenizer_dir is not None:
         from lmforge.tokenizer import Tokenizer

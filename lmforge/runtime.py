@@ -1,0 +1,131 @@
+"""The one place that asks the machine: which precision is fast here, and autocast on the right device.
+
+Machines differ more than their names suggest: on a CPU with AVX-512 BF16 a bf16 matmul runs ~4x faster
+than fp32, on an AVX2-only CPU the same bf16 matmul falls back to a scalar path ~100x SLOWER than fp32
+(REFERENCE.md section 5). So no precision is assumed: `--dtype auto` measures a small matmul in each
+candidate dtype (a few milliseconds, once per process and device) and picks bf16 only where it is faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DTYPE_HELP = "auto (measure which is faster on this machine), float32, or bfloat16"
+# Training under bf16 autocast also pays for casts and for the ops autocast keeps in fp32, so bf16 must be
+# clearly faster in a bare matmul to win a whole step (1.8x step speed was seen at a ~3.6x matmul ratio).
+TRAIN_BF16_MIN_SPEEDUP = 1.5
+# Inference keeps a checkpoint's half-precision weights unless their matmuls are much slower than fp32
+# (decoding is memory-bound, where half the bytes often win even with somewhat slower arithmetic).
+INFER_HALF_MIN_RATIO = 0.5
+
+_PROBE_N = 256  # large enough for the vector units to reach their steady state, small enough to take ~1 ms
+_PROBE_SECONDS = 0.002
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the probe measured on one device (FLOP/s of an n x n matmul) and the dtype it chose."""
+
+    device: str
+    float32_flops: float
+    bfloat16_flops: float
+    choice: str  # "float32" or "bfloat16": the training dtype `auto` resolves to
+
+    def describe(self) -> str:
+        if self.device.startswith("cuda"):
+            return f"{self.choice} on {self.device} ({'bf16 supported' if self.choice == 'bfloat16' else 'no bf16'})"
+        return (
+            f"{self.choice} (matmul probe on {self.device}: bf16 {self.bfloat16_flops / 1e9:.1f} vs fp32 "
+            f"{self.float32_flops / 1e9:.1f} GFLOP/s)"
+        )
+
+
+def _matmul_rate(dtype: torch.dtype, device: torch.device, limit_s: float | None = None) -> float:
+    """Best FLOP/s of a _PROBE_N^3 matmul over ~_PROBE_SECONDS; gives up after one call slower than limit_s."""
+    n = _PROBE_N
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a[:8, :8] @ b[:8, :8]  # the library's one-time start-up (oneDNN: ~25 ms) is not the kernel's speed
+    t0 = time.perf_counter()
+    a @ b  # the first call also picks (or JIT-compiles) the kernel
+    first = time.perf_counter() - t0
+    if limit_s is not None and first > limit_s:
+        return 2 * n**3 / first  # a slow path: one call is measurement enough
+    best, reps, deadline = first, 0, time.perf_counter() + _PROBE_SECONDS
+    while reps < 3 or (time.perf_counter() < deadline and reps < 50):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+        reps += 1
+    return 2 * n**3 / best
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(device: str) -> Precision:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        return Precision(device, 0.0, 0.0, "bfloat16" if bf16 else "float32")
+    if dev.type != "cpu":  # mps, xpu, ...: no probe; fp32 is always correct
+        return Precision(device, 0.0, 0.0, "float32")
+    fp32 = _matmul_rate(torch.float32, dev)
+    # A bf16 call 20x slower than fp32's already decides the matter (AVX2: ~15 ms instead of ~0.2 ms).
+    bf16 = _matmul_rate(torch.bfloat16, dev, limit_s=20 * 2 * _PROBE_N**3 / fp32)
+    return Precision(device, fp32, bf16, "bfloat16" if bf16 >= TRAIN_BF16_MIN_SPEEDUP * fp32 else "float32")
+
+
+def probe_precision(device: str | torch.device = "cpu") -> Precision:
+    """The measured matmul speeds of `device` and the training dtype `auto` picks there (cached)."""
+    return _probe(str(torch.device(device)))
+
+
+def _check_name(name: str) -> None:
+    if name not in DTYPE_CHOICES:
+        raise LmforgeError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_CHOICES)}.")
+
+
+def training_dtype(name: str, device: str | torch.device = "cpu") -> str:
+    """The compute dtype of a training run: 'float32', or 'bfloat16' (autocast over fp32 master weights)."""
+    _check_name(name)
+    return probe_precision(device).choice if name == "auto" else name
+
+
+def inference_dtype(name: str, stored: torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype to load weights in for decoding or scoring: `auto` keeps the stored dtype unless it is a
+    half-precision one whose matmuls are slow on this device, where fp32 (an exact upcast) is used."""
+    _check_name(name)
+    if name != "auto":
+        return torch.float32 if name == "float32" else torch.bfloat16
+    if stored not in (torch.bfloat16, torch.float16):
+        return stored
+    p = probe_precision(device)
+    if torch.device(device).type == "cuda":
+        return stored if stored == torch.float16 or p.choice == "bfloat16" else torch.float32
+    if torch.device(device).type != "cpu":
+        return stored
+    # fp16 on CPU is a slow path everywhere (REFERENCE.md section 5); bf16 only where the probe says so.
+    if stored == torch.bfloat16 and p.bfloat16_flops >= INFER_HALF_MIN_RATIO * p.float32_flops:
+        return stored
+    return torch.float32
+
+
+def autocast(dtype: str | torch.dtype | None, device: str | torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device the parameters live on; a no-op for fp32."""
+    if isinstance(dtype, str):
+        dtype = None if dtype == "float32" else torch.bfloat16
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters are (cpu for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
