@@ -142,6 +142,7 @@ def write_chats(path: Path, n: int = 24) -> Path:
 
 def small_cfg(**kw) -> TrainConfig:
     base = dict(steps=30, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=3, eval_every=0, save_every=0, log_every=1)
+    base["dtype"] = "float32"  # exact comparisons; `auto` would pick bf16 on some machines
     base.update(kw)
     return TrainConfig(**base)
 

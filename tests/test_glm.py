@@ -17,10 +17,10 @@ import torch
 
 from lmforge import LmforgeError, ModelConfig, Transformer
 from lmforge.cli import main as cli_main
-from lmforge.loading import load_model_and_tokenizer
 from lmforge.data import TokenShards, prepare
 from lmforge.generate.infill import infill, infill_ids, infill_with_spans
 from lmforge.generate.kv_cache import KVCache
+from lmforge.loading import load_model_and_tokenizer
 from lmforge.model import build_attention_mask
 from lmforge.rope import RotaryEmbedding, apply_rope
 from lmforge.tokenizer import Tokenizer
@@ -511,6 +511,7 @@ def test_pretrain_glm_needs_glm_tokens(tmp_path, glm_config):
 
 def test_pretrain_glm_resumes_exactly(tmp_path, color_data, glm_config, monkeypatch):
     cfg = TrainConfig(
+        dtype="float32",
         steps=6,
         batch_size=4,
         seq_len=32,

@@ -93,6 +93,7 @@ def small_cfg(**kw) -> TrainConfig:
         save_every=4,
         keep_last=2,
         log_every=1,
+        dtype="float32",  # exact comparisons; `auto` would pick bf16 on some machines
     )
     base.update(kw)
     return TrainConfig(**base)

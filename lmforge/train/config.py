@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError, suggest
+from lmforge.runtime import DTYPE_CHOICES
 from lmforge.train.optim import SCHEDULES
 
 OBJECTIVES = ("causal", "glm")  # pretraining objectives: next-token prediction, GLM blank infilling
@@ -32,7 +33,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
-    dtype: str = "float32"  # float32, or bfloat16 autocast (weights and optimizer stay fp32)
+    dtype: str = "auto"  # auto (measured, lmforge.runtime), float32, or bfloat16 autocast over fp32 weights
     compile: bool = False
     activation_checkpointing: bool = False
     seed: int = 0
@@ -66,8 +67,8 @@ class TrainConfig:
                 f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}."
                 + suggest(self.schedule, SCHEDULES)
             )
-        if self.dtype not in ("float32", "bfloat16"):
-            raise LmforgeError(f"training dtype must be float32 or bfloat16, got {self.dtype!r}.")
+        if self.dtype not in DTYPE_CHOICES:
+            raise LmforgeError(f"training dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}.")
         if self.objective not in OBJECTIVES:
             raise LmforgeError(
                 f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}."

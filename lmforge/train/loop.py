@@ -8,7 +8,7 @@ schedule, and on Ctrl-C / SIGTERM finishes the step, saves and returns.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -24,6 +24,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.progress import Progress
+from lmforge.runtime import autocast, model_device, probe_precision, training_dtype
 from lmforge.train.checkpoints import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from lmforge.train.config import TrainConfig
 from lmforge.train.objectives import Objective, causal_lm
@@ -99,7 +100,7 @@ def evaluate(
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        with _autocast(autocast_dtype):
+        with autocast(autocast_dtype, model_device(model)):
             out = objective(model, batch)
         loss_sum += float(out.loss_sum)
         weight += float(out.weight)
@@ -117,10 +118,10 @@ def evaluate(
     return result
 
 
-def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=dtype)
+def resolve_precision(cfg: TrainConfig, device: str | torch.device = "cpu") -> TrainConfig:
+    """`cfg` with dtype "auto" replaced by what the precision probe chose on `device` (float32/bfloat16)."""
+    resolved = training_dtype(cfg.dtype, device)
+    return cfg if resolved == cfg.dtype else dataclasses.replace(cfg, dtype=resolved)
 
 
 def train(
@@ -146,6 +147,12 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     tune_allocator()
     torch.manual_seed(cfg.seed)
+    device = model_device(model)
+    requested = cfg.dtype
+    cfg = resolve_precision(cfg, device)
+    if progress:
+        how = probe_precision(device).describe() if requested == "auto" else f"{cfg.dtype} (as asked)"
+        print(f"precision: {how}", flush=True)
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     model.train()
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, cfg.decay_embeddings)
@@ -164,7 +171,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
 
     flops_per_token = training_flops_per_token(model.config, cfg.seq_len)
-    peak = matmul_peak_flops(autocast_dtype or torch.float32)
+    peak = matmul_peak_flops(autocast_dtype or torch.float32, device=str(device))  # MFU in the dtype used
     metrics_file = (run_dir / "metrics.jsonl").open("a")
     history: list[dict[str, Any]] = []
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -224,7 +231,7 @@ def train(
             stats: dict[str, float] = {}
             losses = []
             for b in micro:
-                with _autocast(autocast_dtype):
+                with autocast(autocast_dtype, device):
                     out = objective(step_model, b)
                 losses.append(out)
                 weight_sum += float(out.weight)

@@ -24,18 +24,32 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> int:
     return 6 * matmul_params + 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
 
 
-@functools.lru_cache(maxsize=4)
-def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
-    """Best observed FLOP/s of an n x n matmul on this machine with the current thread count."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+@functools.lru_cache(maxsize=8)
+def matmul_peak_flops(
+    dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.3, device: str = "cpu"
+) -> float:
+    """Best observed FLOP/s of an n x n matmul on `device` in `dtype` with the current thread count.
+
+    A dtype with a slow path (bf16 on an AVX2-only CPU: ~1 GFLOP/s) is measured on a smaller matrix so that
+    the measurement itself stays short."""
+    from lmforge.runtime import probe_precision
+
+    p = probe_precision(device)
+    if device == "cpu" and dtype == torch.bfloat16 and p.bfloat16_flops < 0.1 * p.float32_flops:
+        n = 256
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     for _ in range(2):
         a @ b  # warm up the kernel selection and caches
     best = 0.0
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    while time.perf_counter() < deadline or best == 0.0:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         best = max(best, 2 * n**3 / dt)
     return best
