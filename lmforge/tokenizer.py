@@ -38,6 +38,19 @@ SPLIT_PATTERN = (
 # pipeline (Qwen2Tokenizer) for any directory whose config.json says qwen2, whatever tokenizer.json holds,
 # so a chatml tokenizer must use it to give the same ids there.
 QWEN_SPLIT_PATTERN = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+# The files of an HF tokenizer directory (transformers' fast and slow formats, chat templates in their own
+# files): what travels with the weights whenever lmforge copies a checkpoint.
+_TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "chat_template", "added_tokens", "vocab.", "merges.")
+
+
+def tokenizer_files(directory: str | Path) -> list[Path]:
+    """The tokenizer files in `directory` (tokenizer.json, tokenizer_config.json, chat_template.jinja, ...)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(f for f in root.iterdir() if f.is_file() and f.name.startswith(_TOKENIZER_FILE_PREFIXES))
+
+
 _NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 

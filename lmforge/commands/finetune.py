@@ -134,6 +134,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import load_pretrained, save_pretrained
     from lmforge.finetune.lora import load_adapter, merge_lora
+    from lmforge.tokenizer import tokenizer_files
     from lmforge.train.checkpoints import resolve_model_dir
 
     if not (args.model and args.adapter and args.out):
@@ -142,11 +143,7 @@ def _merge(args: argparse.Namespace) -> int:
     model = load_pretrained(base)
     load_adapter(model, resolve_model_dir(args.adapter))
     merge_lora(model)
-    extra = {
-        f.name: f.read_text()
-        for f in base.iterdir()
-        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens_map", "generation_config"))
-    }
+    extra = {f.name: f.read_text() for f in [*tokenizer_files(base), base / "generation_config.json"] if f.is_file()}
     out = save_pretrained(model, args.out, extra_files=extra)
     print(f"merged {args.adapter} into {base}; wrote {out} (HF format)")
     return 0

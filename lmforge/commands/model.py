@@ -45,9 +45,6 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "vocab.json", "merges.txt")
-
-
 # --- convert ---------------------------------------------------------------------------------------
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="an HF checkpoint directory, a preset name, or a config file (random weights)")
@@ -65,6 +62,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from lmforge.config import dtype_from_name
     from lmforge.info import human
     from lmforge.model import Transformer
+    from lmforge.tokenizer import tokenizer_files
 
     dtype = dtype_from_name(args.dtype) if args.dtype else None
     source = Path(args.source)
@@ -73,8 +71,8 @@ def run_convert(args: argparse.Namespace) -> int:
         model = load_pretrained(source)
         what = f"loaded {source}"
         # Sampling defaults and the tokenizer travel with the weights.
-        for f in source.iterdir():
-            if f.is_file() and (f.name == "generation_config.json" or f.name.startswith(_TOKENIZER_FILES)):
+        for f in [*tokenizer_files(source), source / "generation_config.json"]:
+            if f.is_file():
                 extra[f.name] = f.read_text()
     else:
         config = config_from_spec(args.source)

@@ -23,6 +23,7 @@ from lmforge.atomic import write_directory
 from lmforge.checkpoint import save_pretrained
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
+from lmforge.tokenizer import tokenizer_files
 
 STATE_FILE = "trainer_state.pt"
 
@@ -68,9 +69,8 @@ def save_checkpoint(
     def write(tmp: Path) -> None:
         save_model(model, tmp)
         if tokenizer_dir is not None:
-            for f in tokenizer_dir.iterdir():
-                if f.is_file() and f.name.startswith(("tokenizer", "special_tokens_map")):
-                    shutil.copy2(f, tmp / f.name)
+            for f in tokenizer_files(tokenizer_dir):
+                shutil.copy2(f, tmp / f.name)
         torch.save(trainer_state, tmp / STATE_FILE)
 
     # Re-saving a step after a resume replaces that step's directory whole (nothing is carried over).
