@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and learning-rate schedules.
+"""AdamW with decoupled weight decay on matrices only (or Muon, lmforge.train.muon), and learning-rate schedules.
 
 Schedules are functions of progress p in [0, 1] after a linear warmup in steps, so that a run bounded by
 a time budget can follow the same curve as one bounded by a step count.
@@ -14,6 +14,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 
 SCHEDULES = ("cosine", "wsd", "constant", "linear")
+OPTIMIZERS = ("adamw", "muon")  # muon: Muon for hidden matrices, AdamW for the rest
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
@@ -36,8 +37,21 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     decay_embeddings: bool = False,
-) -> torch.optim.AdamW:
-    """AdamW, using the fused kernel when every parameter's device supports it (one pass over memory)."""
+    kind: str = "adamw",
+    momentum: float = 0.95,
+) -> torch.optim.Optimizer:
+    """AdamW (`kind="adamw"`), using the fused kernel when every parameter's device supports it (one pass
+    over memory); or `kind="muon"`: Muon with `momentum` for the hidden matrices and AdamW for the rest,
+    all at the same learning rate (lmforge.train.muon)."""
+    if kind not in OPTIMIZERS:
+        raise LmforgeError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}.")
+    if kind == "muon":
+        from lmforge.train.muon import Muon, muon_param_groups
+
+        groups = muon_param_groups(model, weight_decay, decay_embeddings)
+        if not groups:
+            raise LmforgeError("the model has no trainable parameters; nothing to optimise.")
+        return Muon(groups, lr=lr, momentum=momentum, betas=betas, eps=eps)
     groups = param_groups(model, weight_decay, decay_embeddings)
     if not groups:
         raise LmforgeError("the model has no trainable parameters; nothing to optimise.")
