@@ -19,7 +19,10 @@ def count_parameters(config: ModelConfig) -> tuple[int, int]:
     return total, total - embedding
 
 
-def model_stats(config: ModelConfig, seq_len: int = 2048) -> dict[str, Any]:
+FLOPS_SEQ_LEN = 2048  # the sequence length FLOPs per token assume unless told
+
+
+def model_stats(config: ModelConfig, seq_len: int = FLOPS_SEQ_LEN) -> dict[str, Any]:
     """The numbers `lmforge info` prints; FLOPs assume training at `seq_len` tokens per sequence."""
     total, non_embedding = count_parameters(config)
     c = config

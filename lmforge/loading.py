@@ -4,13 +4,38 @@ with the tokenizer stored beside the weights, in the precision chosen for this m
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from lmforge.checkpoint import load_pretrained
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
+from lmforge.options import option, validate
+from lmforge.runtime import DTYPE_CHOICES, DTYPE_HELP
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoints import resolve_model_dir
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded for decoding, chat, scoring and benchmarks."""
+
+    dtype: str = option(
+        "auto", f"weights' precision: {DTYPE_HELP}; auto keeps the stored one where it is fast", choices=DTYPE_CHOICES
+    )
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def describe_precision(model: Transformer, requested: str) -> str:
+    """`precision: float32 (auto: stored bfloat16 is slow here)`-style line for the commands to print."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    stored = model.config.dtype
+    if requested != "auto":
+        return f"precision: {dtype} (as asked)"
+    why = "as stored" if dtype == stored else f"auto: the stored {stored} is slow on this machine"
+    return f"precision: {dtype} ({why})"
 
 
 def load_model_and_tokenizer(

@@ -16,6 +16,7 @@ from conftest import randomize_
 import lmforge
 from lmforge import LmforgeError, ModelConfig, Transformer
 from lmforge.data import prepare
+from lmforge.finetune.config import DistillConfig, DPOConfig, SFTConfig
 from lmforge.finetune.dpo import dpo, dpo_loss
 from lmforge.finetune.sft import finetune
 from lmforge.finetune.sft_data import SFTLoader, read_conversations, render, tokenize_conversations
@@ -141,7 +142,7 @@ def write_chats(path: Path, n: int = 24) -> Path:
 
 
 def small_cfg(**kw) -> TrainConfig:
-    base = dict(steps=30, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=3, eval_every=0, save_every=0, log_every=1)
+    base = dict(steps=30, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=3, eval_every=0, save_every=0)
     base["dtype"] = "float32"  # exact comparisons; `auto` would pick bf16 on some machines
     base.update(kw)
     return TrainConfig(**base)
@@ -154,11 +155,14 @@ def losses(run_dir: Path, key: str = "loss") -> list[float]:
 
 def test_sft_learns_the_assistant_turns(tmp_path, chat_model):
     data = write_chats(tmp_path / "chat.jsonl")
-    out = finetune(chat_model, data, tmp_path / "run", small_cfg(), val_fraction=0.1, progress=False)
+    cfg = small_cfg(eval_every=10)
+    out = finetune(chat_model, data, tmp_path / "run", cfg, SFTConfig(val_fraction=0.1), progress=False)
     series = losses(tmp_path / "run")
     assert sum(series[-5:]) / 5 < 0.6 * sum(series[:3]) / 3
     assert out.data.trained_tokens < out.data.tokens  # the prompts are not trained
-    assert out.result.val_loss is not None and math.isfinite(out.result.val_loss)
+    val = losses(tmp_path / "run", "val_loss")  # the held-out conversations at steps 10, 20 and 30
+    assert len(val) == 3 and val[-1] == out.result.val_loss
+    assert val[-1] < 0.8 * val[0]  # the held-out loss itself fell (2.29 -> 1.09 here), not only the training loss
     reloaded = lmforge.load_pretrained(out.result.checkpoint)
     assert (out.result.checkpoint / "tokenizer.json").is_file()
     ids = torch.tensor([[1, 2, 3]])
@@ -190,13 +194,14 @@ def test_dpo_margin_grows(tmp_path, chat_model):
     ]
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dpo(chat_model, data, tmp_path / "run", small_cfg(steps=25, lr=1e-3), beta=0.1, val_fraction=0.0, progress=False)
+    cfg = small_cfg(steps=25, lr=1e-3)
+    dpo(chat_model, data, tmp_path / "run", cfg, DPOConfig(beta=0.1, val_fraction=0.0), progress=False)
     margins = losses(tmp_path / "run", "reward_margin")
     accuracy = losses(tmp_path / "run", "preference_accuracy")
     assert abs(margins[0]) < 1e-4  # the policy starts as the reference
     assert sum(margins[-5:]) / 5 > 0.5 and sum(accuracy[-5:]) / 5 > 0.9
     with pytest.raises(LmforgeError, match="beta"):
-        dpo(chat_model, data, tmp_path / "other", small_cfg(), beta=0.0, progress=False)
+        dpo(chat_model, data, tmp_path / "other", small_cfg(), DPOConfig(beta=0.0), progress=False)
 
 
 def test_distillation_drives_the_kl_down(tmp_path, chat_model, tokenizers):
@@ -213,22 +218,30 @@ def test_distillation_drives_the_kl_down(tmp_path, chat_model, tokenizers):
         tmp_path / "data",
         tmp_path / "run",
         small_cfg(steps=40, seq_len=32),
-        temperature=2.0,
-        alpha=1.0,
+        DistillConfig(temperature=2.0, alpha=1.0),
         progress=False,
     )
     kl = losses(tmp_path / "run", "kl")
     assert sum(kl[-5:]) / 5 < 0.5 * sum(kl[:3]) / 3
-    other = Tokenizer.train(CORPUS[:20], 290, "llama3", min_frequency=1)
+
+    # A student directory whose tokenizer differs from the teacher's is refused. The other tokenizer is
+    # trained on different text to the same size, so the vocabularies really differ while the sizes (and
+    # the student model's vocab_size) match: only the tokenizer comparison can catch it.
+    teacher_tok = Tokenizer.from_pretrained(chat_model)
+    other_text = [f"Zebras {i} graze; xylophones jingle, kites fly above {i * 3} valleys. " * 3 for i in range(40)]
+    other = Tokenizer.train(other_text, 290, "llama3", min_frequency=1)
+    assert other.vocab_size == teacher_tok.vocab_size and other.get_vocab() != teacher_tok.get_vocab()
     student = tmp_path / "student"
     lmforge.save_pretrained(
-        Transformer(ModelConfig.from_preset("tiny-llama").replace(vocab_size=other.vocab_size)), student
+        Transformer(ModelConfig.from_preset("tiny-llama").replace(vocab_size=teacher_tok.vocab_size)), student
     )
-    tok_other = Tokenizer.from_pretrained(chat_model)
-    if other.get_vocab() != tok_other.get_vocab():
-        other.save(student)
-        with pytest.raises(LmforgeError, match="tokenizer"):
-            distill(chat_model, str(student), tmp_path / "data", tmp_path / "run2", small_cfg(), progress=False)
+    other.save(student)
+    with pytest.raises(LmforgeError, match="use different tokenizers"):
+        distill(chat_model, str(student), tmp_path / "data", tmp_path / "run2", small_cfg(steps=1), progress=False)
+    # Control: the same student directory with the teacher's tokenizer is accepted and trains.
+    teacher_tok.save(student)
+    same = distill(chat_model, str(student), tmp_path / "data", tmp_path / "run3", small_cfg(steps=1), progress=False)
+    assert same.result.steps == 1
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -292,9 +305,8 @@ def test_lora_sft_saves_adapters_and_merge_folds_them(tmp_path, chat_model):
         data,
         tmp_path / "run",
         small_cfg(steps=6),
-        method="lora",
-        lora=LoraConfig(r=4, alpha=8.0, targets=("q", "v", "down")),
-        val_fraction=0.0,
+        SFTConfig(method="lora", val_fraction=0.0),
+        LoraConfig(r=4, alpha=8.0, targets=("q", "v", "down")),
         progress=False,
     )
     ckpt = out.result.checkpoint

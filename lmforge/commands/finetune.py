@@ -6,75 +6,14 @@ import argparse
 from typing import Any
 
 from lmforge.cli import command
-from lmforge.commands.train import add_train_config_args, merged_options, split_train_config
+from lmforge.commands.flags import Options, add_options
+from lmforge.commands.train import add_resume_args, add_run_args, training_summary
 from lmforge.errors import LmforgeError
+from lmforge.finetune.config import DistillConfig, DPOConfig, SFTConfig
+from lmforge.finetune.lora import LoraConfig
+from lmforge.train.config import TrainConfig
 
-_RUN_KEYS = {
-    "model",
-    "data",
-    "out",
-    "resume",
-    "method",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_targets",
-    "val_fraction",
-    "too_long",
-}
-
-
-def _common(p: argparse.ArgumentParser, data_help: str) -> None:
-    p.add_argument("--model", help="checkpoint directory (or run directory) to start from")
-    p.add_argument("--data", help=data_help)
-    p.add_argument("--out", help="run directory (metrics.jsonl, loss.png, checkpoints/)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out exactly")
-    p.add_argument("--config", help="a JSON or TOML file with any of these options")
-    p.add_argument("--method", choices=["full", "lora"], default=None, help="train all weights or LoRA adapters")
-    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 8)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; scaling = alpha / r (default 16)")
-    p.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA input (default 0)")
-    p.add_argument("--lora-targets", default=None, help="comma-separated: q,k,v,o,gate,up,down (default q,v)")
-    p.add_argument("--val-fraction", type=float, default=None, help="held-out share of the examples")
-    p.add_argument(
-        "--too-long",
-        choices=["truncate", "skip"],
-        default=None,
-        help="examples longer than --seq-len: cut them or leave them out (default truncate)",
-    )
-    add_train_config_args(p)
-
-
-def _lora_config(options: dict[str, Any]) -> Any:
-    if options.get("method", "full") != "lora":
-        return None
-    from lmforge.finetune.lora import LoraConfig
-
-    targets = tuple(t.strip() for t in str(options.get("lora_targets") or "q,v").split(",") if t.strip())
-    return LoraConfig(
-        r=int(options.get("lora_r") or 8),
-        alpha=float(options.get("lora_alpha") or 16.0),
-        dropout=float(options.get("lora_dropout") or 0.0),
-        targets=targets,
-    )
-
-
-def _split(options: dict[str, Any], extra: set[str]) -> tuple[Any, dict[str, Any]]:
-    cfg, rest = split_train_config(options)
-    unknown = set(rest) - _RUN_KEYS - extra
-    if unknown:
-        raise LmforgeError(f"unknown options: {sorted(unknown)}.")
-    return cfg, rest
-
-
-def _summary(result: Any, run_dir: Any, plot: Any, extra: str = "") -> str:
-    r = result
-    val = f", val loss {r.val_loss:.4f}" if r.val_loss is not None else ""
-    stopped = " (interrupted; resume with --resume)" if r.interrupted else ""
-    return (
-        f"trained {r.steps} steps in {r.elapsed_s:.0f} s{stopped}: loss {r.final_loss:.4f}{val}{extra}\n"
-        f"checkpoint: {r.checkpoint}\nmetrics: {run_dir / 'metrics.jsonl'}" + (f"\nplot: {plot}" if plot else "")
-    )
+_MODEL_HELP = "checkpoint directory (or run directory) to start from"
 
 
 def _lora_line(start: Any) -> str:
@@ -87,18 +26,32 @@ def _lora_line(start: Any) -> str:
     )
 
 
+def _lora(o: Options, method: str) -> LoraConfig | None:
+    """The LoRA options of a `--method lora` run; given for a full run, they are refused, not ignored."""
+    lora = o.build(LoraConfig, prefix="lora_")
+    if method == "lora":
+        return lora
+    named = o.given_keys(LoraConfig, prefix="lora_")
+    if named:
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(named))
+        raise LmforgeError(f"{flags} only apply to --method lora; add --method lora or drop them.")
+    return None
+
+
+def _add_finetune_options(p: argparse.ArgumentParser, cls: type) -> None:
+    add_options(p, cls, title=f"{cls.__name__} options")
+    add_options(p, LoraConfig, prefix="lora_", title="LoRA options (with --method lora)")
+    add_options(p, TrainConfig, title="training options")
+
+
 # --- finetune --------------------------------------------------------------------------------------
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    _common(p, "chat JSONL ({'messages': [...]}) or instruction JSONL ({'instruction', 'input', 'output'})")
-    p.add_argument(
-        "--no-pack",
-        dest="pack",
-        action="store_false",
-        default=None,
-        help="one example per row instead of packing short examples together",
+    add_run_args(
+        p, _MODEL_HELP, "chat JSONL ({'messages': [...]}) or instruction JSONL ({'instruction', 'input', 'output'})"
     )
     p.add_argument("--merge", action="store_true", help="fold --adapter into --model and write --out")
     p.add_argument("--adapter", help="with --merge: a LoRA adapter directory (PEFT format)")
+    _add_finetune_options(p, SFTConfig)
 
 
 @command(
@@ -109,25 +62,15 @@ def run_finetune(args: argparse.Namespace) -> int:
         return _merge(args)
     from lmforge.finetune.sft import finetune
 
-    options = merged_options(args, ("model", "data", "out"))
-    options.pop("merge", None)
-    options.pop("adapter", None)
-    pack = options.pop("pack", True)
-    cfg, rest = _split(options, set())
-    out = finetune(
-        rest["model"],
-        rest["data"],
-        rest["out"],
-        cfg,
-        method=rest.get("method") or "full",
-        lora=_lora_config(rest),
-        val_fraction=float(rest.get("val_fraction") or 0.05),
-        pack=pack is not False,
-        too_long=rest.get("too_long") or "truncate",
-        resume=bool(rest.get("resume")),
-    )
+    o = Options(args, args.config)
+    model, data, out_dir = o.require("model", "data", "out")
+    sft, cfg = o.build(SFTConfig), o.build(TrainConfig)
+    lora = _lora(o, sft.method)
+    resume, overwrite = bool(o.value("resume")), bool(o.value("overwrite"))
+    o.check_file_used()
+    out = finetune(model, data, out_dir, cfg, sft, lora, resume=resume, overwrite=overwrite)
     print(f"data: {out.data.format()}" + _lora_line(out.start))
-    print(_summary(out.result, out.run_dir, out.plot))
+    print(training_summary(out.result, out.run_dir, out.plot))
     return 0
 
 
@@ -151,50 +94,30 @@ def _merge(args: argparse.Namespace) -> int:
 
 # --- dpo -------------------------------------------------------------------------------------------
 def _dpo_args(p: argparse.ArgumentParser) -> None:
-    _common(p, "preference JSONL ({'prompt', 'chosen', 'rejected'})")
-    p.add_argument("--beta", type=float, default=None, help="strength of the pull towards the reference (0.1)")
-    p.add_argument("--loss", dest="loss_type", choices=["sigmoid", "ipo"], default=None, help="DPO (sigmoid) or IPO")
-    p.add_argument(
-        "--no-chat-format",
-        dest="chat",
-        action="store_false",
-        default=None,
-        help="concatenate prompt and response instead of rendering them as a chat",
-    )
+    add_run_args(p, _MODEL_HELP, "preference JSONL ({'prompt', 'chosen', 'rejected'})")
+    _add_finetune_options(p, DPOConfig)
 
 
 @command("dpo", "preference optimisation (DPO or IPO) against the frozen starting model", _dpo_args)
 def run_dpo(args: argparse.Namespace) -> int:
     from lmforge.finetune.dpo import dpo
 
-    options = merged_options(args, ("model", "data", "out"))
-    beta, loss_type, chat = options.pop("beta", 0.1), options.pop("loss_type", "sigmoid"), options.pop("chat", None)
-    cfg, rest = _split(options, set())
-    out = dpo(
-        rest["model"],
-        rest["data"],
-        rest["out"],
-        cfg,
-        beta=float(beta or 0.1),
-        loss_type=loss_type or "sigmoid",
-        method=rest.get("method") or "full",
-        lora=_lora_config(rest),
-        chat=chat,
-        val_fraction=float(rest.get("val_fraction") or 0.1),
-        too_long=rest.get("too_long") or "truncate",
-        resume=bool(rest.get("resume")),
-    )
+    o = Options(args, args.config)
+    model, data, out_dir = o.require("model", "data", "out")
+    options, cfg = o.build(DPOConfig), o.build(TrainConfig)
+    lora = _lora(o, options.method)
+    resume, overwrite = bool(o.value("resume")), bool(o.value("overwrite"))
+    o.check_file_used()
+    out = dpo(model, data, out_dir, cfg, options, lora, resume=resume, overwrite=overwrite)
     last = next((h for h in reversed(out.result.history) if "preference_accuracy" in h), {})
     extra = (
-        (
-            f"; last step: reward margin {last.get('reward_margin', 0):.3f}, "
-            f"preference accuracy {last.get('preference_accuracy', 0):.2f}"
-        )
+        f"; last step: reward margin {last.get('reward_margin', 0):.3f}, "
+        f"preference accuracy {last.get('preference_accuracy', 0):.2f}"
         if last
         else ""
     )
     print(f"pairs: {out.counts}" + _lora_line(out.start))
-    print(_summary(out.result, out.run_dir, out.plot, extra))
+    print(training_summary(out.result, out.run_dir, out.plot, extra))
     return 0
 
 
@@ -203,33 +126,21 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="teacher checkpoint directory (its tokenizer is shared)")
     p.add_argument("--student", help="student checkpoint directory, preset or config file (random init)")
     p.add_argument("--data", help="directory written by `lmforge prepare` with the teacher's tokenizer")
-    p.add_argument("--out", help="run directory")
-    p.add_argument("--resume", action="store_true", default=None)
-    p.add_argument("--config", help="a JSON or TOML file with any of these options")
-    p.add_argument("--temperature", type=float, default=None, help="softmax temperature of the soft targets (2)")
-    p.add_argument("--alpha", type=float, default=None, help="weight of the KL term; 1 - alpha weighs the CE (0.5)")
-    add_train_config_args(p)
+    p.add_argument("--out", help="run directory (run.json, metrics.jsonl, loss.png, checkpoints/)")
+    add_resume_args(p)
+    add_options(p, DistillConfig, title="distillation options")
+    add_options(p, TrainConfig, title="training options")
 
 
 @command("distill", "train a student on a teacher's distribution (KL) mixed with cross-entropy", _distill_args)
 def run_distill(args: argparse.Namespace) -> int:
     from lmforge.finetune.distill import distill
 
-    options = merged_options(args, ("teacher", "student", "data", "out"))
-    temperature, alpha = options.pop("temperature", None), options.pop("alpha", None)
-    cfg, rest = split_train_config(options)
-    unknown = set(rest) - {"teacher", "student", "data", "out", "resume"}
-    if unknown:
-        raise LmforgeError(f"unknown options: {sorted(unknown)}.")
-    out = distill(
-        rest["teacher"],
-        rest["student"],
-        rest["data"],
-        rest["out"],
-        cfg,
-        temperature=float(temperature or 2.0),
-        alpha=float(0.5 if alpha is None else alpha),
-        resume=bool(rest.get("resume")),
-    )
-    print(_summary(out.result, out.run_dir, out.plot))
+    o = Options(args, args.config)
+    teacher, student, data, out_dir = o.require("teacher", "student", "data", "out")
+    options, cfg = o.build(DistillConfig), o.build(TrainConfig)
+    resume, overwrite = bool(o.value("resume")), bool(o.value("overwrite"))
+    o.check_file_used()
+    out = distill(teacher, student, data, out_dir, cfg, options, resume=resume, overwrite=overwrite)
+    print(training_summary(out.result, out.run_dir, out.plot))
     return 0

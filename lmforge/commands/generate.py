@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -11,42 +10,39 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.cli import command
+from lmforge.commands.flags import Options, add_options, given
 from lmforge.errors import LmforgeError
-from lmforge.loading import load_model_and_tokenizer
+from lmforge.loading import LoadOptions, describe_precision, load_model_and_tokenizer
+
+CHAT_MAX_NEW_TOKENS = 256  # a reply, not a completion: longer than generate's default of 32
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """--max-new-tokens, --temperature, ... one flag per GenerationOptions field."""
+    """The model's loading options and one flag per GenerationOptions field."""
     from lmforge.generate.options import GenerationOptions
 
-    for f in dataclasses.fields(GenerationOptions):
-        if f.name in ("eos_token_id", "stop_strings", "early_stopping"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
-        else:
-            kind = type(f.default) if f.default is not None else int
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default {f.default}")
-    p.add_argument("--early-stopping", choices=["true", "false", "never"], default=argparse.SUPPRESS)
-    p.add_argument("--eos-token-id", type=int, action="append", default=argparse.SUPPRESS, help="repeatable")
-    p.add_argument(
-        "--stop",
-        dest="stop_strings",
-        action="append",
-        default=argparse.SUPPRESS,
-        help="stop once the text contains this string (repeatable)",
-    )
+    add_options(p, LoadOptions)
+    add_options(p, GenerationOptions, title="generation options")
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The GenerationOptions given on the command line (the rest keep the library's defaults)."""
     from lmforge.generate.options import GenerationOptions
 
-    names = {f.name for f in dataclasses.fields(GenerationOptions)}
-    options = {k: v for k, v in vars(args).items() if k in names}
-    if "early_stopping" in options:
-        options["early_stopping"] = {"true": True, "false": False}.get(options["early_stopping"], "never")
-    return options
+    built = Options(args).build(GenerationOptions)  # checks the values given
+    return {name: getattr(built, name) for name in given(args, GenerationOptions)}
+
+
+def load_options(args: argparse.Namespace) -> LoadOptions:
+    return Options(args).build(LoadOptions)
+
+
+def load_for_use(spec: str, args: argparse.Namespace, need_tokenizer: bool = True) -> tuple[Any, Any]:
+    """Load the model with the command's --dtype and say on stderr which precision it runs in."""
+    dtype = load_options(args).dtype
+    model, tok = load_model_and_tokenizer(spec, dtype, need_tokenizer)
+    print(describe_precision(model, dtype), file=sys.stderr)
+    return model, tok
 
 
 # --- generate --------------------------------------------------------------------------------------
@@ -56,9 +52,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat format")
     p.add_argument("--system", help="system message (with --chat)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--dtype", help="float32 or bfloat16 (default: as stored)")
     p.add_argument("--draft-model", help="a smaller model with the same tokenizer for speculative decoding")
-    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument(
+        "--num-draft-tokens", type=int, default=argparse.SUPPRESS, help="with --draft-model: tokens drafted per step"
+    )
     p.add_argument("--infill", help="text with [MASK] blanks for a GLM-objective model to fill")
     p.add_argument("--json", action="store_true", help="print the generated ids and text as JSON")
     add_generation_args(p)
@@ -77,7 +74,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.infill is not None:
         return _run_infill(args)
-    model, tok = load_model_and_tokenizer(args.model, args.dtype)
+    model, tok = load_for_use(args.model, args)
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     if not text:
         raise LmforgeError("empty prompt: pass --prompt or pipe text on stdin.")
@@ -92,10 +89,12 @@ def run_generate(args: argparse.Namespace) -> int:
         unsupported = set(options) - {"max_new_tokens", "eos_token_id"}
         if unsupported:
             raise LmforgeError(f"speculative decoding is greedy; drop {sorted(unsupported)} or --draft-model.")
-        draft, _ = load_model_and_tokenizer(args.draft_model, args.dtype, need_tokenizer=False)
-        r = speculative_generate(
-            model, draft, ids, options.get("max_new_tokens", 32), args.num_draft_tokens, options.get("eos_token_id")
-        )
+        draft, _ = load_for_use(args.draft_model, args, need_tokenizer=False)
+        drafted = {"num_draft_tokens": args.num_draft_tokens} if hasattr(args, "num_draft_tokens") else {}
+        from lmforge.generate.options import GenerationOptions
+
+        options.setdefault("max_new_tokens", GenerationOptions().max_new_tokens)
+        r = speculative_generate(model, draft, ids, **options, **drafted)
         outputs = [r.tokens]
         print(("" if args.chat else text) + tok.decode(r.tokens, skip_special_tokens=True))
         print(
@@ -132,7 +131,6 @@ def run_generate(args: argparse.Namespace) -> int:
 def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or run directory")
     p.add_argument("--system", help="system message")
-    p.add_argument("--dtype", help="float32 or bfloat16 (default: as stored)")
     add_generation_args(p)
 
 
@@ -140,9 +138,9 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 def run_chat(args: argparse.Namespace) -> int:
     from lmforge.generate.api import generate_stream
 
-    model, tok = load_model_and_tokenizer(args.model, args.dtype)
+    model, tok = load_for_use(args.model, args)
     options = generation_options(args)
-    options.setdefault("max_new_tokens", 256)
+    options.setdefault("max_new_tokens", CHAT_MAX_NEW_TOKENS)
     options.setdefault("eos_token_id", tok.stop_token_ids)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
@@ -186,36 +184,34 @@ def run_chat(args: argparse.Namespace) -> int:
 
 # --- bench -----------------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
+    from lmforge.generate.bench import BenchConfig
+
     p.add_argument("--model", required=True, help="checkpoint/run directory, or a preset (random weights)")
-    p.add_argument("--prompt-tokens", "-p", type=int, default=512, help="prefill test length (ppN)")
-    p.add_argument("--gen-tokens", "-n", type=int, default=128, help="decode test length (tgN)")
-    p.add_argument("--repeats", "-r", type=int, default=3)
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as stored; presets: bfloat16)")
-    p.add_argument("--threads", "-t", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_options(p, LoadOptions)
+    add_options(p, BenchConfig)
 
 
 @command("bench", "prefill and decode speed in llama-bench style (ppN / tgN, mean and spread)", _bench_args)
 def run_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from lmforge.generate.bench import bench_model
+    from lmforge.generate.bench import BenchConfig, bench_model
     from lmforge.info import human
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if min(args.prompt_tokens, args.gen_tokens, args.repeats) <= 0:
-        raise LmforgeError("--prompt-tokens, --gen-tokens and --repeats must be positive.")
+    bench = Options(args).build(BenchConfig)
+    dtype_name = load_options(args).dtype
     if Path(args.model).exists():
-        model, _ = load_model_and_tokenizer(args.model, args.dtype, need_tokenizer=False)
-    else:
+        model, _ = load_model_and_tokenizer(args.model, dtype_name, need_tokenizer=False)
+    else:  # a preset or config file: random weights in the published dtype, unless slow here
         from lmforge.checkpoint import config_from_spec
         from lmforge.config import dtype_from_name
         from lmforge.model import Transformer
+        from lmforge.runtime import inference_dtype
 
         config = config_from_spec(args.model)
-        model = Transformer(config, dtype=dtype_from_name(args.dtype or "bfloat16"))
-    rows = bench_model(model, args.prompt_tokens, args.gen_tokens, args.repeats)
+        model = Transformer(config, dtype=inference_dtype(dtype_name, dtype_from_name(config.dtype)))
+    rows = bench_model(model, bench)
     params = sum(p.numel() for p in model.parameters())
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     c = model.config
@@ -241,10 +237,10 @@ def run_bench(args: argparse.Namespace) -> int:
             f"| {args.model} | {human(params)} | {dtype} | {torch.get_num_threads()} | {r['test']} | "
             f"{r['mean']:.2f} ± {r['std']:.2f} |"
         )
-    full = kv_per_token * (args.prompt_tokens + args.gen_tokens)
+    full = kv_per_token * (bench.prompt_tokens + bench.gen_tokens)
     print(
         f"KV cache: {human(kv_per_token, 'B')} per token ({c.num_kv_heads} of {c.num_heads} heads stored), "
-        f"{human(full, 'B')} for {args.prompt_tokens + args.gen_tokens} tokens"
+        f"{human(full, 'B')} for {bench.prompt_tokens + bench.gen_tokens} tokens"
     )
     return 0
 
@@ -265,7 +261,7 @@ def _run_infill(args: argparse.Namespace) -> int:
     ]
     if clashing:
         raise LmforgeError(f"--infill takes the whole text itself; drop {', '.join(clashing)}.")
-    model, tok = load_model_and_tokenizer(args.model, getattr(args, "dtype", None))
+    model, tok = load_for_use(args.model, args)
     options = generation_options(args)
     t0 = time.perf_counter()
     text, spans = infill_with_spans(model, tok, args.infill, **options)

@@ -6,15 +6,22 @@ import argparse
 import json
 from pathlib import Path
 
+from lmforge.checkpoint import MAX_SHARD_SIZE
 from lmforge.cli import command
 from lmforge.errors import LmforgeError
+from lmforge.info import FLOPS_SEQ_LEN
 
 
 # --- info ------------------------------------------------------------------------------------------
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="a preset name, an HF checkpoint directory, or a config.json")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for FLOPs per token (default 2048)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=FLOPS_SEQ_LEN,
+        help=f"sequence length for FLOPs per token (default {FLOPS_SEQ_LEN})",
+    )
     p.add_argument("--list", action="store_true", help="list the presets and exit")
 
 
@@ -50,8 +57,12 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="an HF checkpoint directory, a preset name, or a config file (random weights)")
     p.add_argument("out", help="output directory (HF format)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: keep; presets: their published dtype)")
-    p.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size")
-    p.add_argument("--seed", type=int, default=0, help="seed for random initialisation")
+    p.add_argument(
+        "--max-shard-size",
+        default=MAX_SHARD_SIZE,
+        help=f"split weights into files of at most this size (default {MAX_SHARD_SIZE})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for random initialisation (default 0)")
 
 
 @command("convert", "re-save a checkpoint (dtype, shards) or write a randomly initialised one", _convert_args)

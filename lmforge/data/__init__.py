@@ -7,6 +7,7 @@ loader = PackedLoader(TokenShards("data/"), 16, 256)      # loader.py: infinite,
 """
 
 from lmforge.data.clean import CleanReport, clean_documents, clean_text
+from lmforge.data.config import PrepareConfig, SourceConfig, TokenizerTrainConfig
 from lmforge.data.loader import PackedLoader, position_ids, sequential_batches
 from lmforge.data.shards import (
     PrepareReport,
@@ -15,20 +16,23 @@ from lmforge.data.shards import (
     TokenShards,
     has_split,
     prepare,
-    split_indices,
 )
 from lmforge.data.sources import Document, DocumentStream, SkippedFile, iter_documents, resolve_inputs
+from lmforge.data.split import split_indices
 
 __all__ = [
     "CleanReport",
     "Document",
     "DocumentStream",
     "PackedLoader",
+    "PrepareConfig",
     "PrepareReport",
     "SkippedFile",
+    "SourceConfig",
     "SplitReport",
     "TokenShards",
     "TokenizerLike",
+    "TokenizerTrainConfig",
     "clean_documents",
     "clean_text",
     "has_split",

@@ -24,21 +24,37 @@ from lmforge.eval.tasks import (
     with_fewshot,
 )
 from lmforge.model import Transformer
+from lmforge.options import option, validate
 from lmforge.progress import Progress
 
 
 @dataclass
 class EvalSettings:
-    batch_size: int = 8
-    limit: int | None = None  # first N examples only
-    num_fewshot: int = 0
-    fewshot_file: str | None = None
-    seed: int = 0
-    max_length: int | None = None  # default: the model's context
-    stride: int | None = None  # perplexity windows; default max_length
-    max_new_tokens: int = 64
-    generation: dict[str, Any] = field(default_factory=dict)  # extra lmforge.generate options
+    batch_size: int = option(8, "sequences scored per forward pass")
+    limit: int | None = option(None, "evaluate the first N examples only")
+    num_fewshot: int = option(0, "multiple choice: examples shown before each question")
+    fewshot_file: str | None = option(None, "multiple-choice JSONL the few-shot examples are drawn from")
+    seed: int = option(0, "seed for drawing few-shot examples and for sampling")
+    max_length: int | None = option(None, "context length for scoring (default: the model's)")
+    stride: int | None = option(None, "perplexity: tokens predicted per window (default: the max length)")
+    max_new_tokens: int = option(64, "generation tasks: tokens to generate at most")
+    temperature: float | None = option(None, "generation tasks: sample at this temperature (default: greedy)")
+    generation: dict[str, Any] = field(default_factory=dict)  # extra lmforge.generate options (library callers)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.batch_size <= 0 or (self.limit is not None and self.limit <= 0) or self.num_fewshot < 0:
+            raise LmforgeError("batch_size and limit must be positive and num_fewshot >= 0.")
+        if self.temperature is not None and not self.temperature >= 0:
+            raise LmforgeError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
+
+    def generation_options(self) -> dict[str, Any]:
+        """The lmforge.generate options of generation tasks: sampling when a temperature > 0 is set."""
+        options = dict(self.generation)
+        if self.temperature is not None:
+            options.update(do_sample=self.temperature > 0, temperature=self.temperature, seed=self.seed)
+        return options
 
 
 @dataclass
@@ -113,7 +129,7 @@ def _generation(model: Transformer, tokenizer: Any, path: Path, s: EvalSettings)
     from lmforge.generate.api import generate
 
     examples = load_generation_task(path)[: s.limit]
-    options = {"max_new_tokens": s.max_new_tokens, "eos_token_id": tokenizer.stop_token_ids, **s.generation}
+    options = {"max_new_tokens": s.max_new_tokens, "eos_token_id": tokenizer.stop_token_ids, **s.generation_options()}
     predictions: list[str] = []
     with Progress(len(examples), "generate", unit="ex", enabled=s.progress) as bar:
         for start in range(0, len(examples), s.batch_size):

@@ -18,12 +18,14 @@ from lmforge.checkpoint import load_pretrained
 from lmforge.data.loader import PackedLoader, sequential_batches
 from lmforge.data.shards import TokenShards, has_split
 from lmforge.errors import LmforgeError
+from lmforge.finetune.config import DistillConfig
 from lmforge.model import Transformer
 from lmforge.plots import plot_training, read_metrics
+from lmforge.runtime import model_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoints import checkpoint_to_resume, resolve_model_dir
 from lmforge.train.config import TrainConfig
-from lmforge.train.loop import TrainResult, train
+from lmforge.train.loop import TrainResult, check_context, resolve_precision, train
 from lmforge.train.objectives import IGNORE_INDEX, LossOutput, token_cross_entropy
 from lmforge.train.pretrain import build_model
 
@@ -65,14 +67,14 @@ def distill(
     data: str | Path,
     run_dir: str | Path,
     cfg: TrainConfig,
+    options: DistillConfig | None = None,
     *,
-    temperature: float = 2.0,
-    alpha: float = 0.5,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> DistillOutput:
-    if not temperature > 0 or not 0 <= alpha <= 1:
-        raise LmforgeError(f"temperature must be > 0 and alpha in [0, 1], got {temperature} and {alpha}.")
+    """Train `student` (a checkpoint, preset or config file) on `teacher`'s distribution over prepared shards."""
+    options = options or DistillConfig()
     run_dir, data = Path(run_dir), Path(data)
     teacher_dir = resolve_model_dir(teacher)
     if not (teacher_dir / "tokenizer.json").is_file():
@@ -86,7 +88,7 @@ def distill(
             f"{teacher_model.config.vocab_size}; prepare the data with the teacher's tokenizer."
         )
 
-    ckpt = checkpoint_to_resume(run_dir, resume)
+    ckpt = checkpoint_to_resume(run_dir, resume, overwrite, sources=(teacher, student, data))
     student_dir = resolve_model_dir(student)
     if ckpt is not None:
         model = load_pretrained(ckpt, dtype=torch.float32)
@@ -107,7 +109,9 @@ def distill(
             f"({teacher_model.config.vocab_size}); they must share a tokenizer."
         )
 
-    objective = distill_objective(teacher_model, temperature, alpha)
+    check_context(model, cfg)
+    cfg = resolve_precision(cfg, model_device(model), announce=progress)
+    objective = distill_objective(teacher_model, options.temperature, options.alpha)
     loader = PackedLoader(shards, cfg.batch_size, cfg.seq_len, seed=cfg.seed, mask_documents=cfg.mask_documents)
     val = TokenShards(data, "val") if has_split(data, "val") else None
     val_batches = (

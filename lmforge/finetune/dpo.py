@@ -23,17 +23,21 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.finetune.config import DPO_LOSSES, DPOConfig
+from lmforge.finetune.lora import LoraConfig
 from lmforge.finetune.runs import Start, checkpoint_writer, record_run, start_run
 from lmforge.finetune.sft import split_examples
 from lmforge.finetune.sft_data import Example, render
 from lmforge.jsonl import read_jsonl
 from lmforge.model import Transformer
+from lmforge.options import to_mapping
 from lmforge.plots import plot_training, read_metrics
+from lmforge.runtime import model_device
 from lmforge.train.config import TrainConfig
-from lmforge.train.loop import TrainResult, train
+from lmforge.train.loop import TrainResult, check_context, resolve_precision, train
 from lmforge.train.objectives import IGNORE_INDEX, LossOutput
 
-LOSSES = ("sigmoid", "ipo")
+LOSSES = DPO_LOSSES
 
 
 @dataclass
@@ -211,28 +215,26 @@ def dpo(
     data: str | Path,
     run_dir: str | Path,
     cfg: TrainConfig,
+    options: DPOConfig | None = None,
+    lora: LoraConfig | None = None,
     *,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    method: str = "full",
-    lora: Any = None,
-    chat: bool | None = None,
-    val_fraction: float = 0.1,
-    too_long: str = "truncate",
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> DPOOutput:
-    if not beta > 0:
-        raise LmforgeError(f"beta must be positive, got {beta}.")
-    if loss_type not in LOSSES:
-        raise LmforgeError(f"unknown DPO loss {loss_type!r}; use one of {', '.join(LOSSES)}.")
+    """Preference optimisation of `model` (a checkpoint or run directory) on JSONL pairs `data`."""
+    options = options or DPOConfig()
     run_dir = Path(run_dir)
-    start = start_run(model, run_dir, method, lora, resume)
+    start = start_run(model, run_dir, options.method, lora, resume, cfg.seed, overwrite)
+    check_context(start.model, cfg)
+    cfg = resolve_precision(cfg, model_device(start.model), announce=progress)
+    beta, loss_type = options.beta, options.loss
     tok = start.tokenizer
+    chat = options.chat
     use_chat = chat if chat is not None else (tok.chat_format is not None or tok.chat_template is not None)
-    train_rows, val_rows = split_examples(read_preferences(data), val_fraction, cfg.seed)
-    pairs, counts = build_pairs(tok, train_rows, cfg.seq_len + 1, use_chat, too_long)
-    val_pairs = build_pairs(tok, val_rows, cfg.seq_len + 1, use_chat, too_long)[0] if val_rows else []
+    train_rows, val_rows = split_examples(read_preferences(data), options.val_fraction, cfg.seed)
+    pairs, counts = build_pairs(tok, train_rows, cfg.seq_len + 1, use_chat, options.too_long)
+    val_pairs = build_pairs(tok, val_rows, cfg.seq_len + 1, use_chat, options.too_long)[0] if val_rows else []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     # The reference is the starting model; a resumed run recomputes it from the run's base weights.
     reference_model = start.model
@@ -248,15 +250,7 @@ def dpo(
         run_dir,
         "dpo",
         start,
-        {
-            "data": str(data),
-            "beta": beta,
-            "loss": loss_type,
-            "chat": use_chat,
-            "method": method,
-            "train": cfg.to_dict(),
-            "counts": counts,
-        },
+        {"data": str(data), "dpo": {**to_mapping(options), "chat": use_chat}, "train": cfg.to_dict(), "counts": counts},
     )
 
     def val_batches():  # every held-out pair once, in order

@@ -49,6 +49,7 @@ from lmforge.atomic import write_directory
 from lmforge.checkpoint import to_hf_modules, write_safetensors
 from lmforge.errors import LmforgeError, suggest
 from lmforge.model import Transformer
+from lmforge.options import option
 
 # Target name -> the module path inside each decoder layer.
 TARGETS: dict[str, str] = {
@@ -98,12 +99,14 @@ class LoraConfig:
     comma-separated string is accepted too; they are stored in that canonical order.
     """
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("q", "v")
+    r: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = option(0.0, "dropout on the LoRA input")
+    targets: tuple[str, ...] = option(("q", "v"), f"layers to adapt, comma-separated: {','.join(TARGETS)}")
 
     def __post_init__(self) -> None:
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise LmforgeError(f"LoRA rank r must be a positive integer, got {self.r!r}.")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:

@@ -12,6 +12,7 @@ import torch
 
 from lmforge.checkpoint import load_pretrained, save_pretrained
 from lmforge.errors import LmforgeError
+from lmforge.finetune.config import METHODS
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoints import checkpoint_to_resume, resolve_model_dir
@@ -27,13 +28,26 @@ class Start:
     report: Any | None = None  # lmforge.finetune.lora.LoraReport
 
 
-def start_run(model: str | Path, run_dir: Path, method: str, lora: Any | None, resume: bool) -> Start:
-    """Load the starting model for a fine-tuning run (or the state to resume), in fp32 for training."""
-    if method not in ("full", "lora"):
-        raise LmforgeError(f"--method must be 'full' or 'lora', got {method!r}.")
+def start_run(
+    model: str | Path,
+    run_dir: Path,
+    method: str,
+    lora: Any | None,
+    resume: bool,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Start:
+    """Load the starting model for a fine-tuning run (or the state to resume), in fp32 for training. A LoRA
+    run's adapters are initialised from `seed` (default LoraConfig() when none is given)."""
+    if method not in METHODS:
+        raise LmforgeError(f"--method must be one of {', '.join(METHODS)}, got {method!r}.")
     if method == "lora" and lora is None:
-        raise LmforgeError("--method lora needs a LoRA configuration (--lora-r, --lora-alpha, --lora-targets).")
-    ckpt = checkpoint_to_resume(run_dir, resume)
+        from lmforge.finetune.lora import LoraConfig
+
+        lora = LoraConfig()
+    if method == "full":
+        lora = None
+    ckpt = checkpoint_to_resume(run_dir, resume, overwrite, sources=(model,))
     base_dir = resolve_model_dir(model)
     if not (base_dir / "tokenizer.json").is_file():
         raise LmforgeError(f"{base_dir} has no tokenizer.json; fine-tuning renders text with the model's tokenizer.")
@@ -48,7 +62,7 @@ def start_run(model: str | Path, run_dir: Path, method: str, lora: Any | None, r
         for name, p in model_.named_parameters():
             p.requires_grad_("lora_" in name)
         return Start(model_, tokenizer, base_dir, ckpt, lora)
-    report = apply_lora(model_, lora)
+    report = apply_lora(model_, lora, generator=torch.Generator().manual_seed(seed))
     return Start(model_, tokenizer, base_dir, None, lora, report)
 
 

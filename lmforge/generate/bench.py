@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.generate.gemv import ParallelGemv
 from lmforge.generate.kv_cache import KVCache
 from lmforge.model import Transformer
+from lmforge.options import option, validate
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prompt_tokens: int = option(512, "prefill test length (ppN)")
+    gen_tokens: int = option(128, "decode test length (tgN)")
+    repeats: int = option(3, "timed runs of each test (after one warm-up)")
+    threads: int | None = option(None, "torch threads (default: torch's choice)")
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if min(self.prompt_tokens, self.gen_tokens, self.repeats) <= 0 or (
+            self.threads is not None and self.threads <= 0
+        ):
+            raise LmforgeError("prompt_tokens, gen_tokens, repeats and threads must be positive.")
 
 
 @torch.inference_mode()  # lighter than no_grad: no autograd bookkeeping at all
@@ -35,8 +53,12 @@ def decode_seconds(model: Transformer, n: int, generator: torch.Generator) -> fl
         return time.perf_counter() - t0
 
 
-def bench_model(model: Transformer, prompt_tokens: int, gen_tokens: int, repeats: int) -> list[dict]:
+def bench_model(model: Transformer, bench: BenchConfig | None = None) -> list[dict]:
     """Mean and standard deviation of tokens/s over `repeats` runs, after one warm-up run of each test."""
+    bench = bench or BenchConfig()
+    prompt_tokens, gen_tokens, repeats = bench.prompt_tokens, bench.gen_tokens, bench.repeats
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
     model.eval()
     generator = torch.Generator().manual_seed(0)
     rows = []

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.errors import LmforgeError, suggest
+from lmforge.options import option, validate
 
 
 @dataclass(frozen=True)
@@ -17,24 +18,27 @@ class GenerationOptions:
     temperature 0 means greedy, as in the OpenAI API and vLLM.
     """
 
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    min_p: float = 0.0  # 0: off
-    typical_p: float = 1.0  # 1: off
-    repetition_penalty: float = 1.0  # 1: off (CTRL, Keskar et al. 2019)
-    no_repeat_ngram_size: int = 0  # 0: off
-    num_beams: int = 1
-    length_penalty: float = 1.0  # beam score = sum logprob / length ** length_penalty
-    early_stopping: bool | str = False  # beam search: True, False or "never", as in transformers
-    num_return_sequences: int = 1
-    eos_token_id: tuple[int, ...] | None = None  # None: the model's eos ids
-    stop_strings: tuple[str, ...] = ()
-    seed: int | None = None
+    max_new_tokens: int = option(32, "tokens to generate at most")
+    do_sample: bool = option(False, "sample instead of taking the most likely token")
+    temperature: float = option(1.0, "divide the logits by this before sampling (0: greedy)")
+    top_k: int = option(0, "sample among the k most likely tokens only (0: off)")
+    top_p: float = option(1.0, "nucleus sampling: the smallest set of tokens with this much probability (1: off)")
+    min_p: float = option(0.0, "drop tokens less likely than min_p times the most likely one (0: off)")
+    typical_p: float = option(1.0, "locally typical sampling mass (1: off)")
+    repetition_penalty: float = option(1.0, "CTRL penalty on tokens already present (1: off; Keskar et al. 2019)")
+    no_repeat_ngram_size: int = option(0, "never repeat an n-gram of this size (0: off)")
+    num_beams: int = option(1, "beam search with this many beams (1: off)")
+    length_penalty: float = option(1.0, "beam score = sum of log-probs / length ** length_penalty")
+    early_stopping: bool | str = option(
+        False, "beam search stops: true (once enough beams end), false or never", choices=(True, False, "never")
+    )
+    num_return_sequences: int = option(1, "sequences to return per prompt")
+    eos_token_id: tuple[int, ...] | None = option(None, "ids that end a sequence (default: the model's eos ids)")
+    stop_strings: tuple[str, ...] = option((), "stop once the text contains this string (repeatable)", split=False)
+    seed: int | None = option(None, "seed of the sampler")
 
     def __post_init__(self) -> None:
+        validate(self)
         if isinstance(self.eos_token_id, int):
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
         elif self.eos_token_id is not None:

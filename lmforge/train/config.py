@@ -1,16 +1,14 @@
-"""TrainConfig: every knob of the training loop, validated on construction, loadable from a file."""
+"""TrainConfig: every knob of the training loop, declared once (lmforge/options.py), validated on construction."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError, suggest
-from lmforge.runtime import DTYPE_CHOICES
-from lmforge.train.optim import SCHEDULES
+from lmforge.options import from_mapping, option, to_mapping, validate
+from lmforge.runtime import DTYPE_CHOICES, DTYPE_HELP
+from lmforge.train.optim import OPTIMIZERS, SCHEDULES
 
 OBJECTIVES = ("causal", "glm")  # pretraining objectives: next-token prediction, GLM blank infilling
 GLM_VARIANTS = ("token", "sentence", "document", "mixed")  # lmforge.train.glm explains each
@@ -18,38 +16,48 @@ GLM_VARIANTS = ("token", "sentence", "document", "mixed")  # lmforge.train.glm e
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd | linear | constant
-    decay_fraction: float = 0.2  # wsd: share of the run spent decaying
-    weight_decay: float = 0.1
-    decay_embeddings: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
-    dtype: str = "auto"  # auto (measured, lmforge.runtime), float32, or bfloat16 autocast over fp32 weights
-    compile: bool = False
-    activation_checkpointing: bool = False
-    seed: int = 0
-    mask_documents: bool = False  # block-diagonal attention inside packed sequences
-    objective: str = "causal"  # pretraining: causal (next token) | glm (blank infilling, docs/glm.md)
-    glm_variant: str = "token"  # glm: token | sentence | document | mixed
-    eval_every: int = 200
-    eval_batches: int = 20  # 0: the whole validation split
-    save_every: int = 500
-    keep_last: int = 2
-    log_every: int = 10
-    max_minutes: float | None = None  # wall-clock budget; the schedule then follows elapsed time
-    max_bad_steps: int = 5  # consecutive non-finite steps before giving up
+    """Every knob of a training run (pretraining and every fine-tuning objective share it)."""
+
+    steps: int = option(1000, "optimizer steps")
+    batch_size: int = option(16, "sequences per micro-batch")
+    seq_len: int = option(256, "tokens per sequence")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate as a share of the peak")
+    warmup_steps: int = option(100, "steps of linear warmup")
+    schedule: str = option("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
+    decay_fraction: float = option(0.2, "wsd: share of the run spent decaying")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices (never on norms or biases)")
+    decay_embeddings: bool = option(False, "also decay the embedding matrix")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping; the norm is still logged)")
+    dtype: str = option(
+        "auto", "compute precision: " + DTYPE_HELP + " (autocast; weights stay fp32)", choices=DTYPE_CHOICES
+    )
+    compile: bool = option(False, "torch.compile the model")
+    activation_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    seed: int = option(0, "seed of initialisation, data order and dropout")
+    mask_documents: bool = option(False, "block-diagonal attention within packed documents")
+    objective: str = option(
+        "causal", "causal (next token) or glm (GLM blank infilling, docs/glm.md)", choices=OBJECTIVES
+    )
+    glm_variant: str = option("token", "with --objective glm: the kind of spans blanked", choices=GLM_VARIANTS)
+    eval_every: int = option(200, "evaluate on the validation split every N steps (0: only at the end)")
+    eval_batches: int = option(20, "validation batches per evaluation (0: the whole split)")
+    save_every: int = option(500, "save a checkpoint every N steps (0: only at the end)")
+    keep_last: int = option(2, "checkpoints to keep (0: all)")
+    max_minutes: float | None = option(None, "stop after this many minutes; the schedule then follows the clock")
+    max_bad_steps: int = option(5, "consecutive non-finite steps before giving up")
+    optimizer: str = option(
+        "adamw", "adamw, or muon: Muon for the hidden matrices, AdamW for the rest", choices=OPTIMIZERS
+    )  # lmforge.train.muon
+    muon_momentum: float = option(0.95, "with --optimizer muon: momentum of the hidden matrices' updates")
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_bad_steps")
+        validate(self)
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "max_bad_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise LmforgeError(f"{name} must be positive, got {getattr(self, name)}.")
@@ -86,31 +94,18 @@ class TrainConfig:
             )
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise LmforgeError(f"max_minutes must be positive, got {self.max_minutes}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise LmforgeError(
+                f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}."
+                + suggest(self.optimizer, OPTIMIZERS)
+            )
+        if not 0 <= self.muon_momentum < 1:
+            raise LmforgeError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}; 0.95 is the usual value.")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            hints = "".join(suggest(k, known) for k in unknown)
-            raise LmforgeError(f"unknown training options {unknown}.{hints}")
-        return cls(**d)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> dict[str, Any]:
-        """The options in a JSON or TOML file (keys as in TrainConfig, plus model/data/out for the CLI)."""
-        path = Path(path)
-        if not path.is_file():
-            raise LmforgeError(f"config file {path} does not exist.")
-        text = path.read_text()
-        try:
-            if path.suffix == ".toml":
-                import tomllib
-
-                return tomllib.loads(text)
-            return json.loads(text)
-        except Exception as e:
-            raise LmforgeError(f"cannot parse {path} ({e}); write it as JSON or TOML.") from None
+        """From option names to values (e.g. a config file or a checkpoint's record), each type checked."""
+        return from_mapping(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_mapping(self)

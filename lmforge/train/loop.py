@@ -9,7 +9,6 @@ schedule, and on Ctrl-C / SIGTERM finishes the step, saves and returns.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import threading
@@ -21,12 +20,13 @@ from typing import Any
 
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, warn
 from lmforge.model import Transformer
 from lmforge.progress import Progress
 from lmforge.runtime import autocast, model_device, probe_precision, training_dtype
 from lmforge.train.checkpoints import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from lmforge.train.config import TrainConfig
+from lmforge.train.metrics import MetricsLog
 from lmforge.train.objectives import Objective, causal_lm
 from lmforge.train.optim import build_optimizer, lr_multiplier
 from lmforge.train.perf import matmul_peak_flops, training_flops_per_token, tune_allocator
@@ -118,10 +118,30 @@ def evaluate(
     return result
 
 
-def resolve_precision(cfg: TrainConfig, device: str | torch.device = "cpu") -> TrainConfig:
-    """`cfg` with dtype "auto" replaced by what the precision probe chose on `device` (float32/bfloat16)."""
-    resolved = training_dtype(cfg.dtype, device)
-    return cfg if resolved == cfg.dtype else dataclasses.replace(cfg, dtype=resolved)
+def check_context(model: Transformer, cfg: TrainConfig) -> None:
+    """Training windows longer than the model's context would teach positions it never uses: refuse them."""
+    limit = model.config.max_position_embeddings
+    if cfg.seq_len > limit:
+        raise LmforgeError(
+            f"seq_len {cfg.seq_len} exceeds the model's context of {limit} tokens (max_position_embeddings); "
+            f"lower --seq-len or use a model with a longer context."
+        )
+
+
+def resolve_precision(cfg: TrainConfig, device: str | torch.device = "cpu", announce: bool = False) -> TrainConfig:
+    """`cfg` with dtype "auto" replaced by what the precision probe chose on `device` (float32/bfloat16);
+    `announce` prints the choice. An explicit bf16 that is slower than fp32 here is kept, with a warning."""
+    probe = probe_precision(device)
+    if cfg.dtype == "auto":
+        cfg = dataclasses.replace(cfg, dtype=training_dtype("auto", device))
+        if announce:
+            print(f"precision: {probe.describe()}", flush=True)
+    elif cfg.dtype == "bfloat16" and 0 < probe.bfloat16_flops < probe.float32_flops:
+        warn(
+            f"bfloat16 was asked for, but bf16 matmuls run {probe.float32_flops / probe.bfloat16_flops:.0f}x slower "
+            "than float32 on this machine; --dtype auto would train in float32."
+        )
+    return cfg
 
 
 def train(
@@ -148,14 +168,19 @@ def train(
     tune_allocator()
     torch.manual_seed(cfg.seed)
     device = model_device(model)
-    requested = cfg.dtype
-    cfg = resolve_precision(cfg, device)
-    if progress:
-        how = probe_precision(device).describe() if requested == "auto" else f"{cfg.dtype} (as asked)"
-        print(f"precision: {how}", flush=True)
+    cfg = resolve_precision(cfg, device, announce=progress)  # callers usually resolved it already
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     model.train()
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, cfg.decay_embeddings)
+    optimizer = build_optimizer(
+        model,
+        cfg.lr,
+        cfg.weight_decay,
+        (cfg.beta1, cfg.beta2),
+        cfg.eps,
+        cfg.decay_embeddings,
+        cfg.optimizer,
+        cfg.muon_momentum,
+    )
     start_step, tokens_seen, skipped, elapsed_before = 0, 0, 0, 0.0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
@@ -172,7 +197,8 @@ def train(
 
     flops_per_token = training_flops_per_token(model.config, cfg.seq_len)
     peak = matmul_peak_flops(autocast_dtype or torch.float32, device=str(device))  # MFU in the dtype used
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    # A resumed run's log is cut back to the checkpoint's step: the steps after it are logged again below.
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if resume_from is not None else None)
     history: list[dict[str, Any]] = []
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
     warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
@@ -183,8 +209,7 @@ def train(
 
     def log(record: dict[str, Any]) -> None:
         history.append(record)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        metrics.write(record)
 
     def checkpoint(at_step: int) -> Path:
         state = {
@@ -198,16 +223,20 @@ def train(
             "train_config": cfg.to_dict(),
             **(extra_state or {}),
         }
+        metrics.sync()  # on disk before the checkpoint that covers these steps is committed
         if save_model is None:
             return save_checkpoint(run_dir, at_step, model, state, tokenizer_dir, cfg.keep_last)
         return save_checkpoint(run_dir, at_step, model, state, tokenizer_dir, cfg.keep_last, save_model)
 
+    evaluated_at = -1
+
     def run_eval(at_step: int) -> None:
-        nonlocal val
-        if val_batches is None:
+        nonlocal val, evaluated_at
+        if val_batches is None or at_step == evaluated_at:  # one validation record per step
             return
         val = evaluate(model, val_batches(), objective, token_bytes, cfg.eval_batches, autocast_dtype)
         log({"step": at_step, **val})
+        evaluated_at = at_step
 
     bar = Progress(cfg.steps if budget_s is None else None, "train", unit="step", enabled=progress)
     bar.done = start_step
@@ -294,9 +323,12 @@ def train(
                 break
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 ckpt_path = checkpoint(step)
-        run_eval(step)
-        ckpt_path = checkpoint(step)
-    metrics_file.close()
+        if step > start_step or resume_from is None:
+            run_eval(step)
+            ckpt_path = checkpoint(step)
+        else:  # resumed at its end (or out of time): nothing new to evaluate, log or save
+            ckpt_path = resume_from
+    metrics.close()
     return TrainResult(
         steps=step,
         tokens=tokens_seen,

@@ -16,9 +16,10 @@ from lmforge.data.shards import TokenShards, has_split
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.plots import plot_training
+from lmforge.runtime import model_device
 from lmforge.train.checkpoints import checkpoint_to_resume
 from lmforge.train.config import TrainConfig
-from lmforge.train.loop import TrainResult, train
+from lmforge.train.loop import TrainResult, check_context, resolve_precision, train
 from lmforge.train.objectives import causal_lm
 
 
@@ -65,6 +66,10 @@ def build_model(spec: str, shards: TokenShards, tokenizer_dir: Path | None, seed
             eos_token_id=tuple(tok.stop_token_ids) or (shards.eos_token_id,),
             pad_token_id=tok.pad_token_id if config.pad_token_id is not None else None,
         )
+    for key in ("bos_token_id", "pad_token_id"):  # a preset's ids outside the new vocabulary mean nothing there
+        value = changes.get(key, getattr(config, key))
+        if value is not None and not 0 <= value < changes["vocab_size"]:
+            changes[key] = None
     config = config.replace(dtype="float32", **changes)
     torch.manual_seed(seed)
     return Transformer(config)
@@ -77,6 +82,7 @@ def pretrain(
     cfg: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     tokenizer: str | Path | None = None,
     progress: bool = True,
 ) -> PretrainOutput:
@@ -85,13 +91,15 @@ def pretrain(
     val = TokenShards(data_dir, "val") if has_split(data_dir, "val") else None
     tokenizer_dir = find_tokenizer_dir(data_dir, tokenizer)
 
-    ckpt = checkpoint_to_resume(run_dir, resume)
+    ckpt = checkpoint_to_resume(run_dir, resume, overwrite, sources=(model_spec, data_dir))
     model = (
         load_pretrained(ckpt, dtype=torch.float32)
         if ckpt is not None
         else build_model(model_spec, shards, tokenizer_dir, cfg.seed)
     )
 
+    check_context(model, cfg)
+    cfg = resolve_precision(cfg, model_device(model), announce=progress)
     token_bytes = None
     if cfg.objective == "glm":
         from lmforge.train.glm import glm_objective
