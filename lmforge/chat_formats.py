@@ -231,10 +231,20 @@ def get_format(name: str) -> ChatFormat:
     return FORMATS[name]
 
 
+# The special tokens that identify each format's tokenizers. Llama 3.0's tokenizer has no <|eom_id|> (a
+# reserved token takes its id, 128008; 3.1 named it), so the Llama 3 family is known by the tokens both have.
+_IDENTIFYING = {
+    "glm4": FORMATS["glm4"].special_tokens,
+    "chatml": FORMATS["chatml"].special_tokens,
+    "llama3": ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+}
+
+
 def detect_format(tokens: set[str]) -> str | None:
-    """The native format whose special tokens are all in `tokens` (llama3 for the Llama 3 family)."""
+    """The native format whose identifying special tokens are all in `tokens` (llama3 for the Llama 3 family:
+    nothing in the tokens says 3.1, whose format adds a dated system block)."""
     for name in ("glm4", "chatml", "llama3"):  # glm4's and chatml's token sets both contain <|endoftext|>
-        if set(FORMATS[name].special_tokens) <= tokens:
+        if set(_IDENTIFYING[name]) <= tokens:
             return name
     return None
 

@@ -110,9 +110,17 @@ def read_hf_config(path: Path) -> dict[str, Any]:
     if not cfg.is_file():
         raise LmforgeError(f"{path} has no config.json; is it a HuggingFace-format checkpoint directory?")
     try:
-        return json.loads(cfg.read_text())
+        hf = json.loads(cfg.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LmforgeError(f"{cfg} is not valid JSON ({e}); repair or re-download it.") from None
+    if not isinstance(hf, dict):
+        from lmforge.hf_config import json_type
+
+        raise LmforgeError(
+            f'{cfg} must hold a JSON object ({{"model_type": ..., "hidden_size": ..., ...}}), not a JSON '
+            f"{json_type(hf)}; repair or re-download it."
+        )
+    return hf
 
 
 def config_from_spec(spec: str | os.PathLike) -> ModelConfig:
@@ -131,7 +139,9 @@ def config_from_spec(spec: str | os.PathLike) -> ModelConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LmforgeError(f"{path} is not valid JSON ({e}); fix the file.") from None
         if not isinstance(d, dict):
-            raise LmforgeError(f"{path} must hold a JSON object with the model's config.")
+            from lmforge.hf_config import json_type
+
+            raise LmforgeError(f"{path} must hold a JSON object with the model's config, not a JSON {json_type(d)}.")
         return ModelConfig.from_hf(d) if "model_type" in d else ModelConfig.from_dict(d)
     raise LmforgeError(
         f"{str(spec)!r} is neither a preset nor an existing path."
@@ -194,6 +204,7 @@ def load_pretrained(
     path = Path(path)
     config = ModelConfig.from_hf(read_hf_config(path))
     files = _weight_files(path)
+    _check_layer_count(path, config, files)
     if config.tie_embeddings and "lm_head.weight" in files and not _same_tensor(files, "lm_head.weight", safe_open):
         # transformers uses a stored head that differs from the embedding instead of tying; so do we.
         config = config.replace(tie_embeddings=False)
@@ -222,6 +233,13 @@ def load_pretrained(
             tensor = handles[file].get_tensor(hf)
         except Exception as e:
             raise LmforgeError(f"cannot read tensor {hf} from {file} ({e}); the file is corrupt: re-save it.") from None
+        if not tensor.dtype.is_floating_point:
+            # Integer weights are quantized or not weights at all; casting them to float would load garbage.
+            raise LmforgeError(
+                f"{file}: tensor {hf} has dtype {str(tensor.dtype).removeprefix('torch.')}, but model weights are "
+                "floating point (float32, bfloat16, float16); this checkpoint is quantized or corrupt: "
+                "re-save it in a float dtype."
+            )
         if not isinstance(dtype, torch.dtype):  # the first tensor tells the stored dtype
             if wanted == "auto":
                 dtype = inference_dtype("auto", tensor.dtype, device)
@@ -246,6 +264,17 @@ def load_pretrained(
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     return model.to(device) if str(device) != "cpu" else model
+
+
+def _check_layer_count(path: Path, config: ModelConfig, files: dict[str, Path]) -> None:
+    """Before building the model: the layers config.json declares are the layers the weights hold."""
+    layers = {int(m.group(1)) for name in files if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if len(layers) != config.num_layers:
+        held = f"{len(layers)} (model.layers.{min(layers)} .. {max(layers)})" if layers else "none"
+        raise LmforgeError(
+            f"{path}: config.json says num_hidden_layers={config.num_layers}, but the weights hold layers: {held}. "
+            "Is config.json the one for these weights?"
+        )
 
 
 def _same_tensor(files: dict[str, Path], name: str, safe_open: Any) -> bool:
@@ -323,6 +352,8 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> Itera
         yield hf, t if dtype is None else t.to(dtype)
 
 
+MAX_SHARD_SIZE = "5GB"  # transformers' default shard size
+
 # What a checkpoint directory owns; anything else found there (a tokenizer, a README) is kept on re-save.
 _OWNED = re.compile(r"(model.*\.safetensors|model\.safetensors\.index\.json|config\.json|generation_config\.json)$")
 
@@ -332,7 +363,7 @@ def save_pretrained(
     path: str | os.PathLike,
     *,
     dtype: torch.dtype | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = MAX_SHARD_SIZE,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write an HF-format directory that transformers' AutoModelForCausalLM loads.

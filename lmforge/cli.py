@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable
 
@@ -71,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a reader that went away is seen here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader closed the pipe (`lmforge info --list | head -1`): stop quietly, as the Python docs
+        # recommend (signal module, "Note on SIGPIPE"): point stdout at devnull so the interpreter's final
+        # flush cannot raise again, and exit 128 + SIGPIPE like a command the signal stopped.
+        with contextlib.suppress(OSError, ValueError):  # a stdout replaced by an object without a descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

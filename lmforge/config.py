@@ -10,16 +10,78 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lmforge.errors import LmforgeError, suggest
+from lmforge.errors import LmforgeError, suggest, warn
 
 FAMILIES = ("llama", "qwen2", "glm", "glm4")
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
 DTYPES = ("float32", "bfloat16", "float16")
+
+# The largest tensor a config may describe, in elements: ~500x the largest matrix of any published model
+# (Llama 3.1 405B's embedding, 2.1e9), far below where torch's int64 byte counts overflow on the meta device.
+MAX_TENSOR_ELEMENTS = 2**40
+
+
+# --- Type checks shared with hf_config.py (which passes config.json's key names). --------------------------
+_SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 40, 40, 40, 6, 4, 2
+
+
+def shown(value: Any) -> str:
+    """repr(value) cut to a readable length, for error messages about values read from files."""
+    return _SHORT.repr(value)
+
+
+# Integer fields take Python ints only: not bools, and not floats, not even integral ones such as 100.0:
+# transformers 5 reads config.json through strict dataclasses that refuse a float for an int field too, so
+# a config.json with `"max_position_embeddings": 100.0` is not one transformers loads (the error suggests
+# writing 100). Float fields take ints as well and store them as floats (1 is the number 1.0; transformers
+# refuses an int there, so a config.json lmforge writes always holds a float).
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1, hint: str = "") -> int:
+    """`value` when it is an int >= minimum, else an LmforgeError naming `name` (and `hint`, the remedy)."""
+    if is_int(value) and value >= minimum:
+        return value
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if is_number(value) and minimum <= value < 2**53 and float(value).is_integer():
+        hint = f"write it as {int(value)}"
+    raise LmforgeError(f"{name} must be {what}, got {shown(value)}" + (f"; {hint}." if hint else "."))
+
+
+def check_number(name: str, value: Any, *, above: float | None = None, at_least: float | None = None) -> float:
+    """`value` as a float when it is a finite int/float (> above, >= at_least), else an LmforgeError naming it."""
+    ok = is_number(value) and math.isfinite(value)
+    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
+    if not ok:
+        bound = f" > {above:g}" if above is not None else f" >= {at_least:g}" if at_least is not None else ""
+        raise LmforgeError(f"{name} must be a finite number{bound}, got {shown(value)}.")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise LmforgeError(f"{name} must be true or false, got {shown(value)}.")
+    return value
+
+
+def check_token_id(name: str, value: Any) -> int | None:
+    """None or an int. An id outside the vocabulary is legal (see ModelConfig); a bool or float is not."""
+    if value is not None and not is_int(value):
+        raise LmforgeError(f"{name} must be an integer token id or null, got {shown(value)}.")
+    return value
+
 
 # Keys each scaling type needs, beyond rope_type (transformers' modeling_rope_utils validators).
 _ROPE_REQUIRED = {
@@ -50,23 +112,52 @@ class RopeScaling:
     long_factor: tuple[float, ...] | None = None  # longrope
 
     def __post_init__(self) -> None:
-        if self.rope_type not in ROPE_TYPES:
+        if not isinstance(self.rope_type, str) or self.rope_type not in ROPE_TYPES:
             raise LmforgeError(
-                f"unknown rope scaling type {self.rope_type!r}; use one of {', '.join(ROPE_TYPES)}."
-                + suggest(self.rope_type, ROPE_TYPES)
+                f"unknown rope scaling type {shown(self.rope_type)}; use one of {', '.join(ROPE_TYPES)}."
+                + (suggest(self.rope_type, ROPE_TYPES) if isinstance(self.rope_type, str) else "")
             )
         missing = [k for k in _ROPE_REQUIRED[self.rope_type] if getattr(self, k) is None]
         if missing:
             raise LmforgeError(f"rope scaling {self.rope_type!r} needs {', '.join(missing)}; add them to rope_scaling.")
-        if self.factor is not None and not self.factor > 0:
-            raise LmforgeError(f"rope scaling factor must be > 0, got {self.factor}.")
+        if self.factor is not None and not (is_number(self.factor) and self.factor > 0):
+            raise LmforgeError(f"rope scaling factor must be > 0, got {shown(self.factor)}.")
+        # Each value enters a formula in rope.py; the bounds are where those formulas stay defined
+        # (a log, a division, a ratio of mscales).
+        positive = ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor")
+        for name in (*positive, "mscale", "mscale_all_dim"):
+            value = getattr(self, name)
+            if value is not None:
+                if name in positive:
+                    check_number(f"rope scaling {name}", value, above=0)
+                else:
+                    check_number(f"rope scaling {name}", value, at_least=0)
+        if self.original_max_position_embeddings is not None:
+            check_int("rope scaling original_max_position_embeddings", self.original_max_position_embeddings)
+        if self.truncate is not None:
+            check_bool("rope scaling truncate", self.truncate)
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise LmforgeError(
+                f"rope scaling high_freq_factor ({self.high_freq_factor}) must be greater than low_freq_factor "
+                f"({self.low_freq_factor}); Llama 3 checkpoints use 4 and 1."
+            )
         for name in ("short_factor", "long_factor"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(float(v) for v in value))
+            if value is None:
+                continue
+            if isinstance(value, str | bytes | dict) or not hasattr(value, "__iter__"):
+                raise LmforgeError(f"rope scaling {name} must be a list of numbers, got {shown(value)}.")
+            values = tuple(value)
+            for v in values:
+                check_number(f"each value of rope scaling {name}", v, above=0)
+            object.__setattr__(self, name, tuple(float(v) for v in values))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RopeScaling:
+        if not isinstance(d, dict):
+            raise LmforgeError(
+                f"rope scaling must be a JSON object such as {{'rope_type': 'linear', ...}}, got {shown(d)}."
+            )
         d = dict(d)
         if "type" in d:  # older config.json files name it `type`
             d.setdefault("rope_type", d.pop("type"))
@@ -121,14 +212,24 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
-        if isinstance(self.eos_token_id, int):
-            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
-        elif not isinstance(self.eos_token_id, tuple):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        elif self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise LmforgeError(f"rope_scaling must be None, a dict or a RopeScaling, got {shown(self.rope_scaling)}.")
+        eos = self.eos_token_id
+        if is_int(eos):
+            eos = (eos,)
+        elif isinstance(eos, list | tuple):
+            eos = tuple(eos)
+        else:
+            raise LmforgeError(f"eos_token_id must be an integer or a list of integers, got {shown(eos)}.")
+        for tok in eos:
+            if not is_int(tok):
+                raise LmforgeError(
+                    f"eos_token_id must be an integer or a list of integers, got {shown(self.eos_token_id)}."
+                )
+        object.__setattr__(self, "eos_token_id", eos)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise LmforgeError(f"{name} must be a positive integer, got {value!r}.")
+            check_int(name, getattr(self, name))
+        check_int("head_dim", self.head_dim, minimum=0, hint="0 means hidden_size // num_heads")
         if self.head_dim == 0:
             if self.hidden_size % self.num_heads:
                 raise LmforgeError(
@@ -136,34 +237,58 @@ class ModelConfig:
                     "set head_dim explicitly or change one of them."
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        if not isinstance(self.head_dim, int) or self.head_dim < 0:
-            raise LmforgeError(f"head_dim must be a positive integer, got {self.head_dim!r}.")
         if self.num_heads % self.num_kv_heads:
             raise LmforgeError(
                 f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads} "
                 "(each kv head serves num_heads/num_kv_heads query heads); change one of them."
             )
-        if not 0 < self.partial_rotary_factor <= 1:
-            raise LmforgeError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}.")
+        shapes = {
+            "embedding [vocab_size, hidden_size]": self.vocab_size * self.hidden_size,
+            "MLP [intermediate_size, hidden_size]": self.intermediate_size * self.hidden_size,
+            "attention [num_heads * head_dim, hidden_size]": self.num_heads * self.head_dim * self.hidden_size,
+        }
+        name, size = max(shapes.items(), key=lambda kv: kv[1])
+        if size > MAX_TENSOR_ELEMENTS:
+            raise LmforgeError(
+                f"the {name} matrix would have {size:,} elements, more than any model has (limit 2**40); "
+                "check those sizes."
+            )
+        if not (is_number(self.partial_rotary_factor) and 0 < self.partial_rotary_factor <= 1):
+            raise LmforgeError(f"partial_rotary_factor must be in (0, 1], got {shown(self.partial_rotary_factor)}.")
         rot = self.rotary_dim
         if rot < 2 or rot % 2:
             raise LmforgeError(
                 f"the rotary dimension head_dim*partial_rotary_factor = {self.head_dim}*"
                 f"{self.partial_rotary_factor} = {rot} must be even and >= 2; change head_dim or the factor."
             )
-        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
-            raise LmforgeError(f"norm_eps must be a positive number, got {self.norm_eps}.")
-        if not self.rope_theta > 1:
-            raise LmforgeError(f"rope_theta must be > 1, got {self.rope_theta}.")
-        if self.max_position_embeddings <= 0:
-            raise LmforgeError(f"max_position_embeddings must be positive, got {self.max_position_embeddings}.")
+        object.__setattr__(self, "norm_eps", check_number("norm_eps", self.norm_eps, above=0))
+        object.__setattr__(self, "rope_theta", check_number("rope_theta", self.rope_theta, above=1))
+        range_ = check_number("initializer_range", self.initializer_range, at_least=0)
+        object.__setattr__(self, "initializer_range", range_)
+        object.__setattr__(self, "partial_rotary_factor", float(self.partial_rotary_factor))
+        check_int("max_position_embeddings", self.max_position_embeddings)
+        for name in ("rope_interleaved", "qkv_bias", "o_bias", "mlp_bias", "post_sublayer_norms", "tie_embeddings"):
+            check_bool(name, getattr(self, name))
         for name in ("bos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise LmforgeError(f"{name} {value} is outside the vocabulary [0, {self.vocab_size}).")
-        for tok in self.eos_token_id:
-            if not 0 <= tok < self.vocab_size:
-                raise LmforgeError(f"eos_token_id {tok} is outside the vocabulary [0, {self.vocab_size}).")
+            check_token_id(name, getattr(self, name))
+        # Special-token ids outside the vocabulary are legal in HF configs (transformers warns and keeps them:
+        # GlmConfig's default eos ids 151329.. come with any vocab_size, and tiny GLM checkpoints carry them).
+        # They are kept, so that a re-saved config.json says the same, and ignored where an id must be a row
+        # of the embedding: see padding_idx and usable_eos_token_ids.
+        ids = {
+            "bos_token_id": (self.bos_token_id,),
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": (self.pad_token_id,),
+        }
+        outside = {
+            name: ", ".join(str(t) for t in toks if t is not None and not 0 <= t < self.vocab_size)
+            for name, toks in ids.items()
+        }
+        if any(outside.values()):
+            warn(
+                f"special token ids outside the vocabulary [0, {self.vocab_size}) are kept in the config (as "
+                f"transformers does) but never used: {'; '.join(f'{k} {v}' for k, v in outside.items() if v)}."
+            )
         s = self.rope_scaling
         if s is not None and s.rope_type == "longrope":
             for name in ("short_factor", "long_factor"):
@@ -172,11 +297,12 @@ class ModelConfig:
                         f"rope_scaling.{name} has {len(getattr(s, name))} values; it needs one per rotary frequency, "
                         f"rotary_dim/2 = {rot // 2}."
                     )
-        if self.dtype not in DTYPES:
-            raise LmforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        if self.family not in FAMILIES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+            raise LmforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {shown(self.dtype)}.")
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
             raise LmforgeError(
-                f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}." + suggest(self.family, FAMILIES)
+                f"family must be one of {', '.join(FAMILIES)}, got {shown(self.family)}."
+                + (suggest(self.family, FAMILIES) if isinstance(self.family, str) else "")
             )
         self._check_family()
 
@@ -210,6 +336,17 @@ class ModelConfig:
     @property
     def num_kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def padding_idx(self) -> int | None:
+        """pad_token_id when it is a row of the embedding, else None (an id outside the vocabulary is ignored)."""
+        pad = self.pad_token_id
+        return pad if pad is not None and 0 <= pad < self.vocab_size else None
+
+    @property
+    def usable_eos_token_ids(self) -> tuple[int, ...]:
+        """The eos ids a model can produce: eos_token_id without the ids outside the vocabulary."""
+        return tuple(tok for tok in self.eos_token_id if 0 <= tok < self.vocab_size)
 
     # Construction from data ---------------------------------------------------------------------
     @classmethod

@@ -7,9 +7,19 @@ older files `rope_theta` + `rope_scaling` (whose `type` is an alias of `rope_typ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from lmforge.config import FAMILIES, ModelConfig, RopeScaling
+from lmforge.config import (
+    FAMILIES,
+    ModelConfig,
+    RopeScaling,
+    check_bool,
+    check_int,
+    check_number,
+    check_token_id,
+    shown,
+)
 from lmforge.errors import LmforgeError
 
 ARCHITECTURES = {
@@ -83,90 +93,156 @@ _TORCH_DTYPES = {
 }
 
 
+def json_type(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (array, string, number, ...)."""
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _in_config_json(check: Callable[..., Any], key: str, value: Any, **kw: Any) -> Any:
+    """check(key, value) with the error saying that the value is config.json's."""
+    try:
+        return check(key, value, **kw)
+    except LmforgeError as e:
+        raise LmforgeError(f"config.json: {e}") from None
+
+
 def _rope_from_hf(hf: dict[str, Any], family: str) -> tuple[float, float, RopeScaling | None]:
     """(theta, partial_rotary_factor, scaling) from either config.json style, as transformers reads it."""
     # transformers: `rope_scaling`, when present, takes the place of `rope_parameters`.
-    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-    if any(isinstance(v, dict) for v in params.values()):
-        raise LmforgeError("per-layer-type rope_parameters are not supported by llama/qwen2/glm/glm4 checkpoints.")
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    raw = hf.get(key) or {}
+    if not isinstance(raw, dict):
+        raise LmforgeError(
+            f'config.json: {key} must be a JSON object such as {{"rope_type": "default", "rope_theta": 10000.0}}, '
+            f"got {shown(raw)}."
+        )
+    params = dict(raw)
+    nested = [k for k, v in params.items() if isinstance(v, dict)]
+    if nested:
+        raise LmforgeError(
+            f"config.json: {key}.{nested[0]} is an object; per-layer-type rope parameters are not supported by "
+            "llama/qwen2/glm/glm4 checkpoints: give one flat object of rope parameters."
+        )
     if "type" in params:
         params.setdefault("rope_type", params.pop("type"))
-    theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+    # A null counts as absent (transformers' setdefault leaves a null in place, then reads the default).
+    theta = params.pop("rope_theta", None)
+    if theta is None:
+        theta = hf.get("rope_theta")
+    if theta is None:
+        theta = 10000.0
     partial = params.pop("partial_rotary_factor", None)
     if partial is None:
         partial = hf.get("partial_rotary_factor", DEFAULTS[family].get("partial_rotary_factor", 1.0))
+    if not (isinstance(partial, int | float) and not isinstance(partial, bool) and 0 < partial <= 1):
+        raise LmforgeError(
+            f"config.json: partial_rotary_factor (top level or in rope_parameters) must be a number in (0, 1], "
+            f"got {shown(partial)}."
+        )
+    theta = _in_config_json(check_number, "rope_theta", theta, above=1)
     rope_type = params.pop("rope_type", "default")
     if rope_type in ("llama3", "yarn", "longrope"):
         if "original_max_position_embeddings" in hf:
             params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
         params.setdefault("original_max_position_embeddings", _get(hf, family, "max_position_embeddings"))
+    if rope_type == "default":
+        return theta, float(partial), None
     try:
-        theta, partial = float(theta), float(partial)
-        if rope_type == "default":
-            return theta, partial, None
-        return theta, partial, RopeScaling.from_dict({"rope_type": rope_type, **params})
-    except (TypeError, ValueError) as e:
-        raise LmforgeError(f"config.json rope settings are invalid ({e}); fix rope_theta / rope_parameters.") from None
+        return theta, float(partial), RopeScaling.from_dict({"rope_type": rope_type, **params})
+    except LmforgeError as e:
+        raise LmforgeError(f"config.json: {key}: {e}") from None
 
 
 def _get(hf: dict[str, Any], family: str, key: str) -> Any:
     return hf[key] if key in hf else DEFAULTS[family].get(key)
 
 
+def _eos_from_hf(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    for tok in items:
+        if not isinstance(tok, int) or isinstance(tok, bool):
+            raise LmforgeError(
+                f"config.json: eos_token_id must be an integer, a list of integers or null, got {shown(value)}."
+            )
+    return tuple(items)
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """ModelConfig from a config.json dict; values transformers would use for missing keys."""
-    family = hf.get("model_type")
-    if family not in FAMILIES:
+    """ModelConfig from a config.json dict; values transformers would use for missing keys.
+
+    Every value is type-checked here with its config.json name, so an error names the key to fix.
+    """
+    if not isinstance(hf, dict):
         raise LmforgeError(
-            f"unsupported model_type {family!r} in config.json; lmforge reads {', '.join(FAMILIES)} "
+            f'config.json must hold a JSON object ({{"model_type": ..., ...}}), not a JSON {json_type(hf)}; '
+            "is this the checkpoint's config.json?"
+        )
+    family = hf.get("model_type")
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise LmforgeError(
+            f"unsupported model_type {shown(family)} in config.json; lmforge reads {', '.join(FAMILIES)} "
             "(Llama 3, Qwen 2.5, GLM-4 and GLM-4-0414 checkpoints)."
         )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-        raise LmforgeError(f"hidden_act {act!r} is not supported; these families use 'silu'.")
+        raise LmforgeError(f"hidden_act {shown(act)} is not supported; these families use 'silu'.")
     if hf.get("quantization_config"):
         raise LmforgeError("quantized checkpoints (quantization_config) are not supported yet; use bf16/fp32 weights.")
-    if family == "qwen2" and hf.get("use_sliding_window"):
+    sliding = family == "qwen2" and "use_sliding_window" in hf
+    if sliding and _in_config_json(check_bool, "use_sliding_window", hf["use_sliding_window"]):
         raise LmforgeError("use_sliding_window=true is not supported; Qwen 2.5 checkpoints leave it false.")
 
     def get(key: str) -> Any:
         return _get(hf, family, key)
 
-    heads = get("num_attention_heads")
+    def integer(key: str, hint: str = "") -> int:
+        return _in_config_json(check_int, key, get(key), hint=hint)
+
+    def flag(key: str, default: bool = False) -> bool:
+        return _in_config_json(check_bool, key, hf.get(key, default))
+
+    heads = integer("num_attention_heads")
+    # transformers reads a null num_key_value_heads / head_dim as "derive it"; 0 is not absent but wrong.
+    kv = (
+        integer("num_key_value_heads", "null means one per attention head")
+        if get("num_key_value_heads") is not None
+        else heads
+    )
+    head_dim = 0 if get("head_dim") is None else integer("head_dim", "null means hidden_size // num_attention_heads")
     theta, partial, scaling = _rope_from_hf(hf, family)
-    eos = get("eos_token_id")
-    eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-    bias = bool(get("attention_bias")) if family != "qwen2" else True
+    bias = flag("attention_bias", bool(DEFAULTS[family].get("attention_bias"))) if family != "qwen2" else True
     dtype = _TORCH_DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), "float32")
-    try:
-        return ModelConfig(
-            vocab_size=get("vocab_size"),
-            hidden_size=get("hidden_size"),
-            num_layers=get("num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=get("num_key_value_heads") or heads,
-            intermediate_size=get("intermediate_size"),
-            head_dim=get("head_dim") or 0,
-            norm_eps=float(get("rms_norm_eps")),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            partial_rotary_factor=partial,
-            rope_interleaved=family in ("glm", "glm4"),
-            qkv_bias=bias,
-            o_bias=bias if family == "llama" else False,
-            mlp_bias=bool(hf.get("mlp_bias", False)) if family == "llama" else False,
-            post_sublayer_norms=family == "glm4",
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_position_embeddings=get("max_position_embeddings"),
-            bos_token_id=get("bos_token_id"),
-            eos_token_id=eos,
-            pad_token_id=get("pad_token_id"),
-            family=family,
-            initializer_range=float(hf.get("initializer_range", 0.02)),
-            dtype=dtype,
-        )
-    except TypeError as e:
-        raise LmforgeError(f"config.json has a value of the wrong type ({e}); fix config.json.") from None
+    return ModelConfig(
+        vocab_size=integer("vocab_size"),
+        hidden_size=integer("hidden_size"),
+        num_layers=integer("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv,
+        intermediate_size=integer("intermediate_size"),
+        head_dim=head_dim,
+        norm_eps=_in_config_json(check_number, "rms_norm_eps", get("rms_norm_eps"), above=0),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        partial_rotary_factor=partial,
+        rope_interleaved=family in ("glm", "glm4"),
+        qkv_bias=bias,
+        o_bias=bias if family == "llama" else False,
+        mlp_bias=flag("mlp_bias") if family == "llama" else False,
+        post_sublayer_norms=family == "glm4",
+        tie_embeddings=flag("tie_word_embeddings"),
+        max_position_embeddings=integer("max_position_embeddings"),
+        bos_token_id=_in_config_json(check_token_id, "bos_token_id", get("bos_token_id")),
+        eos_token_id=_eos_from_hf(get("eos_token_id")),
+        pad_token_id=_in_config_json(check_token_id, "pad_token_id", get("pad_token_id")),
+        family=family,
+        initializer_range=_in_config_json(
+            check_number, "initializer_range", hf.get("initializer_range", 0.02), at_least=0
+        ),
+        dtype=dtype,
+    )
 
 
 def config_to_hf(c: ModelConfig) -> dict[str, Any]:

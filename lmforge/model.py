@@ -168,7 +168,7 @@ class Transformer(nn.Module):
             # Passing the (meta) weight skips Embedding.reset_parameters, whose normal_ imports torch._dynamo
             # on first use (~0.75 s); init_weights() initialises it below.
             weight = torch.empty(c.vocab_size, c.hidden_size, dtype=dtype)
-            self.embed = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id, _weight=weight)
+            self.embed = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.padding_idx, _weight=weight)
             self.layers = nn.ModuleList(Block(c, dtype) for _ in range(c.num_layers))
             self.norm = RMSNorm(c.hidden_size, c.norm_eps, dtype)
             self.lm_head = None if c.tie_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype)

@@ -24,7 +24,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as _RustTokenizer
 
 from lmforge.chat_formats import FORMATS, ChatFormat, detect_format, get_format, render_template, validate_messages
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, warn
 
 # The Llama 3 / GPT-4 pre-tokenizer split (GLM-4 uses the same one): contractions, letter runs with one
 # leading non-letter, digits in groups of 1-3, punctuation runs (with trailing newlines), newline runs, and
@@ -216,6 +216,11 @@ class Tokenizer:
             )
         if fmt is None:
             fmt = detect_format(set(backend.get_vocab(with_added_tokens=True)))
+            if fmt is not None and template is None:  # the guess decides how conversations are rendered: say so
+                warn(
+                    f"{root}: no chat template or lmforge_chat_format in tokenizer_config.json; using the {fmt} "
+                    "chat format, inferred from the special tokens (set tokenizer.chat_format if that is wrong)."
+                )
         return cls(backend, chat_format=fmt, chat_template=template, named_tokens=named)
 
     def save(self, path: str | Path) -> None:

@@ -334,6 +334,63 @@ def test_bare_tokenizer_json_detects_the_format(toks: dict[str, Tokenizer], save
         assert t.apply_chat_template(MESSAGES, tokenize=False) == "".join(EXPECTED[expected])
 
 
+# The published tokenizer.json files carry more special tokens than lmforge's formats, and Llama 3.0 has a
+# reserved token where 3.1 has <|eom_id|>; each bare file below is shaped that way.
+PUBLISHED_SHAPES = {
+    "llama3": ({"<|eom_id|>": "<|reserved_special_token_4|>"}, ["<|reserved_special_token_5|>"]),
+    "chatml": ({}, ["<|object_ref_start|>", "<|object_ref_end|>", "<|vision_start|>", "<|vision_pad|>"]),
+    "glm4": ({}, ["<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"]),
+}
+
+
+def _published_shape(saved: Path, out: Path, renamed: dict[str, str], extra: list[str]) -> Path:
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as RustTokenizer
+
+    raw = json.loads((saved / "tokenizer.json").read_text())
+    for entry in raw["added_tokens"]:
+        entry["content"] = renamed.get(entry["content"], entry["content"])
+    backend = RustTokenizer.from_str(json.dumps(raw))
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
+    out.mkdir()
+    backend.save(str(out / "tokenizer.json"))  # and nothing else: no tokenizer_config.json
+    return out
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_SHAPES))
+def test_bare_published_tokenizer_json_gets_its_format_with_a_note(
+    saved: dict[str, Path], tmp_path: Path, auto_tokenizer, capsys, name: str
+) -> None:
+    bare = _published_shape(saved[name], tmp_path / name, *PUBLISHED_SHAPES[name])
+    capsys.readouterr()
+    t = Tokenizer.from_pretrained(bare)
+    err = capsys.readouterr().err
+    assert t.chat_format == name and t.chat_template is None
+    assert err.count("\n") == 1 and err.startswith(f"lmforge: warning: {bare}: no chat template"), err
+    assert f"the {name} chat format, inferred from the special tokens" in err
+    assert t.apply_chat_template(MESSAGES, tokenize=False) == "".join(EXPECTED[name])
+    stops = {"llama3": ["<|end_of_text|>", "<|eot_id|>"], "chatml": ["<|endoftext|>", "<|im_end|>"]}
+    stops["glm4"] = ["<|endoftext|>", "<|user|>", "<|observation|>"]
+    assert t.stop_token_ids == [t.token_to_id(s) for s in stops[name]]
+    # transformers reads the same bare directory to the same ids.
+    hf = auto_tokenizer(bare)
+    assert len(hf) == t.vocab_size
+    for text in [*VARIED, "<|reserved_special_token_5|> <|vision_pad|> <|end_of_video|>"]:
+        assert hf(text, add_special_tokens=False)["input_ids"] == t.encode(text), text
+        assert hf.decode(t.encode(text)) == t.decode(t.encode(text))
+
+
+def test_no_note_when_the_format_is_known(saved: dict[str, Path], tmp_path: Path, capsys) -> None:
+    capsys.readouterr()
+    assert Tokenizer.from_pretrained(saved["glm4"]).chat_format == "glm4"  # lmforge_chat_format says it
+    (tmp_path / "tokenizer.json").write_bytes((saved["chatml"] / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    t = Tokenizer.from_pretrained(tmp_path)  # a template renders; the format only supplies the stop ids
+    assert t.chat_format == "chatml"
+    assert t.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "x"
+    assert capsys.readouterr().err == ""
+
+
 def test_foreign_chat_template_renders_like_transformers(saved: dict[str, Path], tmp_path: Path, auto_tokenizer):
     # A template in the style of hub templates: named-template list, bos_token variable, namespace, tojson,
     # loop variables and whitespace control, rendered with trim_blocks/lstrip_blocks.

@@ -12,6 +12,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,14 +142,17 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
                     continue  # blank lines (e.g. a trailing newline) carry no record
                 try:
                     record = json.loads(raw)
-                except UnicodeDecodeError:
-                    raise LmforgeError(f"{where}: line is not valid UTF-8; re-encode the file as UTF-8.") from None
+                except UnicodeDecodeError as e:
+                    raise LmforgeError(
+                        f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "re-encode the file as UTF-8."
+                    ) from None
                 except json.JSONDecodeError as e:
                     raise LmforgeError(
                         f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or remove that line."
                     ) from None
                 yield Document(_field(record, text_field, where), where)
-    except (gzip.BadGzipFile, EOFError) as e:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise LmforgeError(f"{path}: corrupt or truncated gzip file ({e}); re-create it.") from None
 
 

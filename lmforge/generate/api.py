@@ -83,7 +83,7 @@ def _run(
     rows = [p for p in prompts for _ in range(options.num_return_sequences)]
     device = next(model.parameters()).device
     batch = left_pad(rows, device)
-    eos = options.eos_token_id if options.eos_token_id is not None else model.config.eos_token_id
+    eos = options.eos_token_id if options.eos_token_id is not None else model.config.usable_eos_token_ids
     eos_t = torch.tensor(list(eos), dtype=torch.long, device=device)
     processors = build_processors(options)
     history = torch.where(batch.attention_mask.bool(), batch.input_ids, PAD)  # [N, P]
@@ -128,7 +128,7 @@ def generate(model: Transformer, prompt_ids: Any, *, tokenizer: Any = None, **op
         if opts.num_beams > 1:
             from lmforge.generate.beam import beam_search
 
-            eos = opts.eos_token_id if opts.eos_token_id is not None else model.config.eos_token_id
+            eos = opts.eos_token_id if opts.eos_token_id is not None else model.config.usable_eos_token_ids
             beams = beam_search(model, prompts, opts, list(eos), build_processors(opts, min_tokens_to_keep=1))
             out = [tokens for per_prompt in beams for tokens, _ in per_prompt]
         else:

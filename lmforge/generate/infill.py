@@ -63,7 +63,7 @@ def infill_ids(
             f"the text ({a} tokens) or max_new_tokens + 1 ({opts.max_new_tokens + 1}) exceeds the model's context of "
             f"{c.max_position_embeddings} positions; shorten the text or generate less."
         )
-    stop = {glm.eop, *c.eos_token_id, *(opts.eos_token_id or ())}
+    stop = {glm.eop, *c.usable_eos_token_ids, *(opts.eos_token_id or ())}
     processors = build_processors(opts)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype

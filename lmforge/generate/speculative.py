@@ -59,7 +59,7 @@ def speculative_generate(
     if max_new_tokens <= 0 or num_draft_tokens <= 0:
         raise LmforgeError("max_new_tokens and num_draft_tokens must be positive.")
     if eos_token_id is None:
-        eos_token_id = target.config.eos_token_id
+        eos_token_id = target.config.usable_eos_token_ids
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     device = next(target.parameters()).device
     total = len(prompt_ids) + max_new_tokens + num_draft_tokens + 1
