@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.atomic import replace_file
+
 
 def smoothed(values: list[float], beta: float = 0.9) -> np.ndarray:
     """Bias-corrected exponential moving average, for noisy per-step losses."""
@@ -61,10 +63,8 @@ def plot_training(records: list[dict[str, Any]], out: Path, title: str = "traini
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    replace_file(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # never a half-written PNG
     plt.close(fig)
-    tmp.replace(out)
     return out
 
 
@@ -83,8 +83,6 @@ def plot_bars(values: dict[str, float], out: Path, ylabel: str, title: str) -> P
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    replace_file(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # never a half-written PNG
     plt.close(fig)
-    tmp.replace(out)
     return out

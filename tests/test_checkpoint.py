@@ -489,21 +489,33 @@ def test_save_into_current_directory(tmp_path: Path, monkeypatch):
     assert max_diff(our_logits(lmforge.load_pretrained(tmp_path), ids), our_logits(model, ids)) == 0.0
 
 
-def test_failed_final_rename_restores_previous_checkpoint(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_failed_final_rename_restores_previous_checkpoint(tmp_path: Path, monkeypatch, swap: str):
+    import os
+
+    import lmforge.atomic
+
     path = tmp_path / "ckpt"
     first = random_model(ModelConfig.from_preset("tiny-qwen2"), seed=1)
     lmforge.save_pretrained(first, path)
     before = tensors(path)
-    real_replace = lmforge.checkpoint.os.replace
+    real_rename = os.rename
     calls = []
+
+    def failing_exchange(a, b):
+        raise OSError("disk went away")
 
     def flaky(src, dst):
         calls.append((src, dst))
-        if len(calls) == 2:  # the rename of the finished temp dir onto the target
+        if ".partial-" in Path(src).name:  # the rename of the finished temp dir onto the target
             raise OSError("disk went away")
-        return real_replace(src, dst)
+        return real_rename(src, dst)
 
-    monkeypatch.setattr(lmforge.checkpoint.os, "replace", flaky)
+    if swap == "exchange":
+        monkeypatch.setattr(lmforge.atomic, "exchange", failing_exchange)
+    else:  # a system or filesystem without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr(lmforge.atomic, "exchange", lambda a, b: False)
+        monkeypatch.setattr(lmforge.atomic.os, "rename", flaky)
     with pytest.raises(OSError):
         lmforge.save_pretrained(random_model(ModelConfig.from_preset("tiny-qwen2"), seed=2), path)
     monkeypatch.undo()

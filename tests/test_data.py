@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import lmforge.atomic
 from lmforge.data import (
     Document,
     PackedLoader,
@@ -228,14 +229,11 @@ def test_failed_swap_restores_old_output(tmp_path: Path, monkeypatch: pytest.Mon
     out = tmp_path / "data"
     prepare([str(corpus)], ByteTokenizer(), out, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_replace = shards_module.os.replace
 
-    def replace(src, dst):  # the final rename of the new output fails
-        if Path(src).name.startswith(".data.tmp-"):
-            raise OSError("rename failed")
-        return real_replace(src, dst)
+    def exchange(a, b):  # the swap of the new output for the old one fails
+        raise OSError("rename failed")
 
-    monkeypatch.setattr(shards_module.os, "replace", replace)
+    monkeypatch.setattr(lmforge.atomic, "exchange", exchange)
     with pytest.raises(OSError, match="rename failed"):
         prepare([str(corpus)], ByteTokenizer(), out, val_fraction=0.5, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

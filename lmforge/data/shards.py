@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +22,11 @@ from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
+from lmforge.atomic import write_directory
 from lmforge.data.clean import CleanReport, _human_bytes, clean_documents
+from lmforge.data.config import PrepareConfig
 from lmforge.data.sources import DocumentStream, resolve_inputs
+from lmforge.data.split import check_val_fraction, split_indices
 from lmforge.errors import LmforgeError, suggest
 from lmforge.progress import Progress
 
@@ -198,26 +198,6 @@ def _batches(texts: Sequence[str]) -> list[tuple[int, int]]:
     return out
 
 
-def _check_val_fraction(val_fraction: float) -> None:
-    if not 0.0 <= val_fraction < 1.0:
-        raise LmforgeError(f"val_fraction must be in [0, 1), got {val_fraction}.")
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Train and val document indices (each sorted): a seeded random `val_fraction` of the documents,
-    at least one when there are two or more documents and val_fraction > 0, and never all of them."""
-    _check_val_fraction(val_fraction)
-    n_val = round(n * val_fraction)
-    if val_fraction > 0 and n >= 2:
-        n_val = min(max(n_val, 1), n - 1)
-    else:
-        n_val = 0
-    val = np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
-    is_val = np.zeros(n, dtype=bool)
-    is_val[val] = True
-    return np.flatnonzero(~is_val).tolist(), val.tolist()
-
-
 def _check_out_dir(out_dir: Path) -> None:
     """Refuse to replace anything that is not an earlier prepare output (or an empty directory)."""
     if out_dir.is_file():
@@ -227,26 +207,6 @@ def _check_out_dir(out_dir: Path) -> None:
             f"output {out_dir} exists, is not empty and holds no {INDEX}; lmforge will not replace it. "
             "Choose a new directory or remove it first."
         )
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Move the finished `tmp` to `out_dir`, replacing an earlier output only once the new one is complete."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    try:
-        os.replace(out_dir, old / "data")
-    except BaseException:
-        old.rmdir()
-        raise
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old / "data", out_dir)  # put the earlier output back (if even that fails, it stays in `old`)
-        old.rmdir()
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_split(
@@ -287,33 +247,28 @@ def prepare(
     inputs: list[str],
     tokenizer: TokenizerLike,
     out_dir: str | os.PathLike,
+    config: PrepareConfig | None = None,
     *,
-    val_fraction: float = 0.01,
-    seed: int = 0,
-    text_field: str = "text",
-    include: list[str] | None = None,
-    normalize: str = "NFC",
-    dedup: bool = True,
-    near_dedup: bool = False,
-    near_dedup_threshold: float = 0.8,
-    min_chars: int = 1,
-    max_chars: int | None = None,
-    shard_tokens: int = 50_000_000,
     progress: bool = True,
     save_tokenizer: bool = True,
+    **options: Any,
 ) -> PrepareReport:
     """Read, clean, split, tokenize and write a corpus as token shards in `out_dir`; returns a report.
 
-    Documents are split into train/val with a seeded permutation (`split_indices`), keep their input
-    order within a split, are tokenized with `tokenizer.encode_batch` and each followed by
-    `tokenizer.eos_token_id`. A tokenizer with a `save` method is stored in `out_dir/tokenizer`, where
-    `lmforge pretrain` finds it. Everything is written to a temporary sibling directory that replaces
-    `out_dir` only when complete: a failure leaves an earlier `out_dir` as it was and no temporary files.
+    Options as `PrepareConfig` (lmforge/data/config.py), given as one or as keywords. Documents are split
+    into train/val with a seeded permutation (`split_indices`), keep their input order within a split, are
+    tokenized with `tokenizer.encode_batch` and each followed by `tokenizer.eos_token_id`. A tokenizer with
+    a `save` method is stored in `out_dir/tokenizer`, where `lmforge pretrain` finds it. Everything is
+    written to a temporary sibling directory that replaces `out_dir` only when complete: a failure leaves an
+    earlier `out_dir` as it was and no temporary files.
     """
+    if config is not None and options:
+        raise LmforgeError("pass prepare's options either as a PrepareConfig or as keywords, not both.")
+    cfg = config if config is not None else PrepareConfig(**options)
+    val_fraction, seed, text_field, include = cfg.val_fraction, cfg.seed, cfg.text_field, list(cfg.include) or None
+    shard_tokens = cfg.shard_tokens
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    if shard_tokens < 1:
-        raise LmforgeError(f"shard_tokens must be positive, got {shard_tokens}.")
     dtype = token_dtype(tokenizer.vocab_size)
     if tokenizer.eos_token_id is None:
         raise LmforgeError("the tokenizer has no EOS token; prepare puts one after every document: use one that has.")
@@ -321,18 +276,18 @@ def prepare(
         raise LmforgeError(
             f"eos_token_id {tokenizer.eos_token_id} is outside the vocabulary (0..{tokenizer.vocab_size - 1})."
         )
-    _check_val_fraction(val_fraction)  # before any work
+    check_val_fraction(val_fraction)  # before any work
     _check_out_dir(out_dir)
 
     files = _exclude_output(resolve_inputs(inputs, include), out_dir)
     texts, clean_report = clean_documents(
         DocumentStream(files, text_field),
-        normalize=normalize,
-        dedup=dedup,
-        near_dedup=near_dedup,
-        near_dedup_threshold=near_dedup_threshold,
-        min_chars=min_chars,
-        max_chars=max_chars,
+        normalize=cfg.normalize,
+        dedup=cfg.dedup,
+        near_dedup=cfg.near_dedup,
+        near_dedup_threshold=cfg.near_dedup_threshold,
+        min_chars=cfg.min_chars,
+        max_chars=cfg.max_chars,
         progress=progress,
     )
     if not texts:
@@ -344,12 +299,9 @@ def prepare(
     split_texts = {"train": [texts[i] for i in train_idx], "val": [texts[i] for i in val_idx]}
     del texts
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir rather than mkdtemp: the output should get the usual (umask) permissions, not mkdtemp's 0700.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        splits: dict[str, SplitReport] = {}
+    splits: dict[str, SplitReport] = {}
+
+    def write(tmp: Path) -> None:
         with Progress(len(train_idx) + len(val_idx), "tokenize", unit="doc", enabled=progress) as bar:
             on_batch = _TokenizeProgress(bar)
             for name in SPLITS:
@@ -367,10 +319,8 @@ def prepare(
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         if save_tokenizer and hasattr(tokenizer, "save"):
             tokenizer.save(tmp / TOKENIZER_DIR)  # the shards' ids mean nothing without it
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_directory(out_dir, write, owned=lambda name: True)  # an earlier output is replaced whole
     return PrepareReport(
         out_dir=out_dir,
         dtype=dtype.name,
@@ -395,11 +345,20 @@ def _exclude_output(files: list[Path], out_dir: Path) -> list[Path]:
 
 # --- Reading -----------------------------------------------------------------------------------------
 def _load_index(data_dir: Path) -> dict[str, Any]:
+    run_prepare = f"`lmforge prepare CORPUS --tokenizer TOKENIZER --out {data_dir}`"
+    if data_dir.is_file():
+        raise LmforgeError(
+            f"{data_dir} is a file, not a data directory written by `lmforge prepare`; tokenize it first with "
+            f"`lmforge prepare {data_dir} --tokenizer TOKENIZER --out DATA_DIR` and pass DATA_DIR."
+        )
     if not data_dir.is_dir():
-        raise LmforgeError(f"data directory {data_dir} does not exist; create it with `lmforge prepare`.")
+        raise LmforgeError(f"data directory {data_dir} does not exist; create it with {run_prepare}.")
     path = data_dir / INDEX
     if not path.is_file():
-        raise LmforgeError(f"{data_dir} has no {INDEX}; is it a directory written by `lmforge prepare`?")
+        raise LmforgeError(
+            f"{data_dir} is not a `lmforge prepare` output (it has no {INDEX}); if it holds the corpus, tokenize it "
+            f"first with `lmforge prepare {data_dir} --tokenizer TOKENIZER --out DATA_DIR` and pass DATA_DIR."
+        )
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -413,10 +372,11 @@ def _load_index(data_dir: Path) -> dict[str, Any]:
 def has_split(data_dir: str | os.PathLike, split: str) -> bool:
     """Whether `data_dir` (written by `prepare`) has a split of that name with at least one token."""
     try:
-        splits = json.loads((Path(data_dir) / INDEX).read_text(encoding="utf-8")).get("splits", {})
-    except (OSError, json.JSONDecodeError):
+        index = json.loads((Path(data_dir) / INDEX).read_text(encoding="utf-8"))
+        info = index.get("splits", {}).get(split, {})
+        return bool(info.get("tokens"))
+    except (OSError, ValueError, AttributeError):  # no or broken index: TokenShards says what is wrong
         return False
-    return bool(splits.get(split, {}).get("tokens"))
 
 
 class TokenShards:
@@ -431,6 +391,10 @@ class TokenShards:
         self.split = split
         index = _load_index(self.data_dir)
         splits = index.get("splits", {})
+        if not isinstance(splits, dict):
+            raise LmforgeError(
+                f"{self.data_dir / INDEX} is invalid (its splits are not an object); re-run `lmforge prepare`."
+            )
         if split not in splits:
             raise LmforgeError(
                 f"{self.data_dir / INDEX} has no split {split!r} (splits: {', '.join(splits)}).{suggest(split, splits)}"
