@@ -81,12 +81,13 @@ def test_loglikelihood_equals_transformers_incl_splits_inside_words(setup):
 def test_a_continuation_swallowed_by_the_context_tokens_is_an_error(setup):
     _, tok, _ = setup
     context, continuation = "Hello wor", "ld"
-    if len(tok.encode(context + continuation)) <= len(tok.encode(context)):
-        with pytest.raises(LmforgeError, match="vanished"):
-            encode_pair(tok, context, continuation)
-    else:  # this tokenizer splits differently: the pair is scorable and the tokens line up
-        ctx_ids, cont_ids = encode_pair(tok, context, continuation)
-        assert tok.decode(ctx_ids + cont_ids) == context + continuation
+    # This tokenizer has " wor" and " world" as single tokens, so the whole string has no more tokens than
+    # the context alone: nothing is left to score. (Checked, so that the error path below really runs.)
+    assert tok.decode(tok.encode(context)[-1:]) == " wor"
+    assert tok.decode(tok.encode(context + continuation)[-1:]) == " world"
+    assert len(tok.encode(context + continuation)) <= len(tok.encode(context))
+    with pytest.raises(LmforgeError, match="vanished"):
+        encode_pair(tok, context, continuation)
 
 
 def test_greedy_flag(setup):
@@ -130,6 +131,11 @@ def test_rolling_windows_cover_each_token_once():
         for ctx, cont in windows:
             assert len(ctx) + len(cont) - 1 <= max_len and len(ctx) >= 1
             assert ctx[-1] == ([1, *tokens][[1, *tokens].index(cont[0]) - 1])
+        # The very windows lm-evaluation-harness builds (context_len = max_len - stride + 1, made disjoint).
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        reference = get_rolling_token_windows(tokens, 1, max_len, max_len - stride + 1)
+        assert windows == [make_disjoint_window(w) for w in reference]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -151,6 +157,7 @@ def test_multiple_choice_matches_a_hand_computation(setup, tmp_path):
     task = write_jsonl(tmp_path / "mc.jsonl", MC)
     result = run_task(model, tok, str(task), EvalSettings(batch_size=3, progress=False))
     acc = acc_norm = 0
+    confidences, correct = [], []
     for ex, sample in zip(MC, result.samples, strict=True):
         context = ex.get("context") or f"Question: {ex['question']}\nAnswer:"
         lls, norms = [], []
@@ -160,11 +167,24 @@ def test_multiple_choice_matches_a_hand_computation(setup, tmp_path):
             lls.append(hf_continuation_logprob(hf, ctx_ids, cont_ids))
             norms.append(lls[-1] / len(cont))
         assert sample["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
-        acc += max(range(len(lls)), key=lls.__getitem__) == ex["answer"]
+        pick = max(range(len(lls)), key=lls.__getitem__)
+        acc += pick == ex["answer"]
         acc_norm += max(range(len(norms)), key=norms.__getitem__) == ex["answer"]
+        confidences.append(math.exp(lls[pick]) / sum(math.exp(x) for x in lls))  # p(pick), over the choices
+        correct.append(pick == ex["answer"])
     assert result.metrics["acc"] == acc / len(MC)
     assert result.metrics["acc_norm"] == acc_norm / len(MC)
-    assert 0 <= result.metrics["calibration_error"] <= 1
+    # ECE by hand: 10 equal-width bins (lo, hi]; per bin |accuracy - mean confidence|, weighted by its share.
+    bins: dict[int, list[int]] = {}
+    for i, c in enumerate(confidences):
+        bins.setdefault(math.ceil(c * 10), []).append(i)
+    ece = sum(
+        len(m) / len(MC) * abs(sum(correct[i] for i in m) / len(m) - sum(confidences[i] for i in m) / len(m))
+        for m in bins.values()
+    )
+    # Near-certain wrong picks here, so ECE is close to 1: the tolerance is tight enough to tell p(pick) from
+    # a constant 1.0 (3e-5 away), and log-likelihoods that agree to 1e-4 move these confidences by < 1e-7.
+    assert result.metrics["calibration_error"] == pytest.approx(ece, abs=1e-7)
     assert len(result.sha256) == 64
 
 
@@ -272,6 +292,7 @@ def test_cli_eval_writes_json_and_markdown(setup, tmp_path):
 
 def test_lm_eval_harness_runs_a_local_task_through_the_adapter(setup, tmp_path):
     import lm_eval
+    import lm_eval.models.huggingface  # noqa: F401  (registers "hf")
     from lm_eval.tasks import TaskManager
 
     import lmforge.eval.harness  # noqa: F401  (registers "lmforge")
@@ -291,13 +312,28 @@ def test_lm_eval_harness_runs_a_local_task_through_the_adapter(setup, tmp_path):
         'doc_to_target: "{{answer}}"\n'
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
     )
-    out = lm_eval.simple_evaluate(
-        model="lmforge",
-        model_args=f"pretrained={path},batch_size=4",
-        tasks=["lmforge_local_mc"],
-        task_manager=TaskManager(include_path=str(tasks_dir)),
-        log_samples=False,
-    )
-    theirs = out["results"]["lmforge_local_mc"]
+    task_manager = TaskManager(include_path=str(tasks_dir))  # slow to build (it indexes every task): once
+    runs = {
+        name: lm_eval.simple_evaluate(
+            model=name,
+            model_args=f"pretrained={path},batch_size=4,{extra}",
+            tasks=["lmforge_local_mc"],
+            task_manager=task_manager,
+            log_samples=True,
+        )
+        for name, extra in [("lmforge", "dtype=float32"), ("hf", "device=cpu,dtype=float32")]
+    }
+    adapter = runs["lmforge"]["results"]["lmforge_local_mc"]
     ours = run_task(model, tok, str(data), EvalSettings(progress=False)).metrics
-    assert theirs["acc,none"] == ours["acc"] and theirs["acc_norm,none"] == ours["acc_norm"]
+    assert adapter["acc,none"] == ours["acc"] and adapter["acc_norm,none"] == ours["acc_norm"]
+    # lm-eval's own HuggingFace backend on the same directory: the same metrics, from the same per-choice
+    # log-likelihoods (acc alone, over 3 questions, could agree by chance).
+    reference = runs["hf"]["results"]["lmforge_local_mc"]
+    assert adapter["acc,none"] == reference["acc,none"] and adapter["acc_norm,none"] == reference["acc_norm,none"]
+
+    def per_choice(run: dict) -> list[float]:
+        samples = sorted(run["samples"]["lmforge_local_mc"], key=lambda x: x["doc_id"])
+        return [float(r[0][0]) for x in samples for r in x["resps"]]
+
+    assert len(per_choice(runs["hf"])) == sum(len(r["choices"]) for r in MC if "question" in r)
+    assert per_choice(runs["lmforge"]) == pytest.approx(per_choice(runs["hf"]), abs=1e-4)

@@ -26,7 +26,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from lmforge.eval.perplexity import rolling_windows
-from lmforge.eval.scoring import encode_pair, prefix_token_id, score_tokens
+from lmforge.eval.scoring import encode_pair, encode_text, prefix_token_id, score_tokens
 
 
 @register_model("lmforge")
@@ -88,7 +88,9 @@ class LmforgeLM(LM):
             for key in ("top_k", "top_p", "min_p", "repetition_penalty", "seed"):
                 if key in kwargs:
                     options[key] = kwargs.pop(key)
-            ids = self.tokenizer.encode(context) or [prefix_token_id(self.tokenizer)]
+            # The prompt starts with the tokenizer's prefix (BOS) unless it already does, as loglikelihood's
+            # contexts and lm-eval's HuggingFace backend do (its tok_batch_encode adds special tokens).
+            ids = encode_text(self.tokenizer, context) or [prefix_token_id(self.tokenizer)]
             ids = ids[-(self.max_length - options["max_new_tokens"]) :]
             new = generate(self.model, ids, tokenizer=self.tokenizer, stop_strings=until, **options)
             text = self.tokenizer.decode(new, skip_special_tokens=True)

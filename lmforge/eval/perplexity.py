@@ -1,10 +1,15 @@
 """Perplexity and bits per byte over long texts, with rolling windows (lm-evaluation-harness style).
 
-The text's tokens t_0..t_{n-1} are scored one window at a time: a window predicts up to `stride` new tokens
-and sees at most `max_length` tokens of input, the ones just before them (the first window starts from a
-prefix token). With stride == max_length this is lm-evaluation-harness's `loglikelihood_rolling`
-(disjoint predictions, as much context as fits); a smaller stride gives every prediction at least
-max_length - stride tokens of context, at the cost of more forward passes.
+The text's tokens t_0..t_{n-1} are scored one window at a time, each window reading at most `max_length`
+tokens of input, the ones just before its predictions: the first window starts from a prefix token and
+predicts up to max_length tokens, every later one predicts the next `stride` tokens (the last one fewer)
+from the max_length tokens before its last prediction. These are lm-evaluation-harness's rolling windows
+(`get_rolling_token_windows` with context_len = max_length - stride + 1, made disjoint): with stride ==
+max_length its `loglikelihood_rolling` (disjoint predictions, as much context as fits); a smaller stride
+gives every prediction after the first window at least max_length - stride + 1 tokens of context, at the
+cost of more forward passes. Where the last window is a full one, this is also transformers' strided
+perplexity recipe with windows of max_length + 1 tokens; that recipe starts its last window at the next
+stride step, so a shorter last window sees fewer tokens of context there than here.
 """
 
 from __future__ import annotations
@@ -52,10 +57,12 @@ def rolling_windows(
         raise LmforgeError(f"stride must be in [1, max_length={max_length}], got {stride}.")
     seq = [prefix, *tokens]  # seq[j + 1] is tokens[j]; it is predicted from seq[: j + 1]
     pairs = []
-    for start in range(0, len(tokens), stride):
-        end = min(start + stride, len(tokens))  # predict tokens[start:end] = seq[start + 1 : end + 1]
-        first_input = max(0, end - max_length)
+    start = 0
+    while start < len(tokens):
+        end = min(start + (stride if start else max_length), len(tokens))  # predict tokens[start:end]
+        first_input = max(0, end - max_length)  # the input is seq[first_input:end]
         pairs.append((seq[first_input : start + 1], seq[start + 1 : end + 1]))
+        start = end
     return pairs
 
 
