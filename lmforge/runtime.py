@@ -54,8 +54,9 @@ def _matmul_rate(dtype: torch.dtype, device: torch.device, limit_s: float | None
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     a[:8, :8] @ b[:8, :8]  # the library's one-time start-up (oneDNN: ~25 ms) is not the kernel's speed
+    a @ b  # the first call of this shape also creates (or JIT-compiles) the kernel: several ms for oneDNN
     t0 = time.perf_counter()
-    a @ b  # the first call also picks (or JIT-compiles) the kernel
+    a @ b
     first = time.perf_counter() - t0
     if limit_s is not None and first > limit_s:
         return 2 * n**3 / first  # a slow path: one call is measurement enough

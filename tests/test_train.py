@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -395,7 +396,7 @@ def test_quickstart_on_a_tiny_budget(tmp_path):
 
     opts = QuickstartOptions(
         out=tmp_path / "qs",
-        minutes=0.15,
+        steps=120,  # step-bounded: the same run however busy the machine is
         vocab_size=512,
         max_corpus_mb=0.4,
         hidden_size=64,
@@ -412,10 +413,25 @@ def test_quickstart_on_a_tiny_budget(tmp_path):
     r = run_quickstart(opts)
     assert r.val_bpb < r.unigram_bpb  # it learned more than token frequencies
     assert 0 < r.xz_bpb < r.gzip_bpb
+    assert 0 < r.xz_context_bpb < r.xz_bpb  # xz does better after seeing the training text
     report = (tmp_path / "qs" / "report.md").read_text()
     assert f"{r.val_bpb:.3f}" in report and "def fibonacci(n):" in report
+    assert f"| xz -9e with the training text as context | {r.xz_context_bpb:.3f} |" in report
     assert (tmp_path / "qs" / "run" / "loss.png").is_file() and (tmp_path / "qs" / "compression.png").is_file()
     assert all(text.startswith(prompt) for prompt, text in r.samples.items())
+    result = json.loads((tmp_path / "qs" / "result.json").read_text())
+    assert result["val_bpb"] == r.val_bpb and result["xz_context_bpb"] == r.xz_context_bpb
+    assert (result["params"], result["tokens"], result["steps"]) == (r.params, r.tokens, r.steps) and r.steps > 0
+    assert result["dtype"] in ("float32", "bfloat16") and result["matmul_peak_dtype"] == result["dtype"]
+    assert result["matmul_peak_flops"] > 0 and {"gzip_bpb", "unigram_bpb", "xz_bpb", "cpu"} <= set(result)
+    # What was given explicitly is what ran; the rest came from the plan.
+    assert result["plan"]["hidden_size"] == 64 and result["plan"]["optimizer"] in ("adamw", "muon")
+    assert r.steps == 120
+    with pytest.raises(LmforgeError, match="already holds a quickstart run.*--overwrite"):
+        run_quickstart(opts)
+    (tmp_path / "qs" / "notes.txt").write_text("mine")
+    again = run_quickstart(dataclasses.replace(opts, overwrite=True, steps=5))
+    assert again.steps == 5 and (tmp_path / "qs" / "notes.txt").read_text() == "mine"
 
 
 def test_torch_compile_option_trains_like_eager(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
 import sys
 import time
 
@@ -53,6 +54,39 @@ def matmul_peak_flops(
         dt = time.perf_counter() - t0
         best = max(best, 2 * n**3 / dt)
     return best
+
+
+def measured_training_rate(
+    config: ModelConfig, dtype: str, batch_size: int, seq_len: int, optimizer: str = "adamw", steps: int = 3
+) -> float:
+    """Best tokens/s of `steps` training steps as the loop runs them (forward in `dtype` autocast, backward,
+    clip, optimizer step) of a fresh CPU model of `config` on random tokens, after one warm-up step.
+
+    This is what a small model actually gets: the matmul peak says little about bf16 at small shapes,
+    where the casts and elementwise work around the matmuls dominate (docs/LOG.md)."""
+    from lmforge.model import Transformer
+    from lmforge.runtime import autocast
+    from lmforge.train.objectives import causal_lm
+    from lmforge.train.optim import build_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    model = Transformer(config).train()
+    opt = build_optimizer(model, 1e-3, kind=optimizer)
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=g)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    best = math.inf
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        with autocast(dtype, "cpu"):
+            out = causal_lm(model, batch)
+        (out.loss_sum / out.weight).backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(out.loss_sum.detach())
+        if step:  # the first step pays for kernel selection and allocations
+            best = min(best, time.perf_counter() - t0)
+    return batch_size * seq_len / best
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
