@@ -26,12 +26,14 @@ from lmforge.rope import RotaryEmbedding, apply_rope
 
 
 class Cache(Protocol):
-    """What the model needs from a KV cache (lmforge.generate.kv_cache.KVCache implements it)."""
+    """What the model needs from a KV cache: somewhere to put this forward's keys and values.
 
-    length: int  # slots already filled before this forward
+    Where they go (slots, rows, blocks) is the caller's business, decided before the forward
+    (lmforge.generate.kv_cache for one static batch, lmforge.generate.paged for the engine's blocks); the
+    model never advances or inspects a cache."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, K, T, D] at slots [length, length+T); return all filled slots [B, K, S, D]."""
+        """Store the new k, v [B, K, T, D]; return the S slots attention reads, [B, K, S, D]."""
         ...
 
 
@@ -213,30 +215,37 @@ class Transformer(nn.Module):
             attention is then block-diagonal causal, as in transformers. Or [B, T, 2]: GLM's 2D positions
             (#1 in the corrupted text, #2 inside a span; 2D RoPE, see rope.py), which never imply packing:
             attention is causal unless a mask is given (GLM's own is the [B, 1, T, S] prefix mask).
-        attention_mask: [B, S] with 1 for real tokens and 0 for padding (S = past + T), or a boolean
-            [B, 1, T, S] "may attend" mask used as given (e.g. GLM's prefix-bidirectional mask).
-        cache: a KV cache (see `Cache`); the new keys/values are appended to it.
+        attention_mask: without a cache, [B, T] with 1 for real tokens and 0 for padding, or a boolean
+            [B, 1, T, T] "may attend" mask used as given (e.g. GLM's prefix-bidirectional mask).
+        cache: a KV cache (see `Cache`). The caller then owns positions and masks: `position_ids` are
+            required, and `attention_mask` is the boolean [B, 1, T, S] mask over the S slots the cache
+            returns, or None for one new token (T = 1) that may see every slot.
         """
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        if cache is not None:
+            if position_ids is None:
+                raise ValueError("with a KV cache, pass position_ids: the caller decides where tokens go")
+            if attention_mask is None and T > 1:
+                raise ValueError("with a KV cache and several new tokens, pass the [B, 1, T, S] attention mask")
+            if attention_mask is not None and attention_mask.dim() != 4:
+                raise ValueError("with a KV cache, attention_mask is the boolean [B, 1, T, S] mask")
+        user_positions = position_ids is not None
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device)
-            user_positions = False
-        else:
-            user_positions = True
+            position_ids = torch.arange(T, device=input_ids.device)
         if position_ids.dim() == 1:
             position_ids = position_ids.expand(B, T)
         elif position_ids.dim() == 3:  # 2D positions [B, T, 2]
             position_ids = position_ids.expand(B, T, position_ids.shape[-1])
         packed = user_positions and attention_mask is None and cache is None and position_ids.dim() == 2
-        mask = build_attention_mask(attention_mask, position_ids if packed else None, T, past)
+        if cache is not None:
+            mask = attention_mask.bool() if attention_mask is not None else None
+        else:
+            mask = build_attention_mask(attention_mask, position_ids if packed else None, T)
 
         x = self.embed(input_ids)  # [B, T, h]
         cos, sin = self.rope(position_ids, x.dtype)  # [B, 1, T, R]
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i)
-        if cache is not None:
-            cache.length = past + T
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         return self.head(x)  # [B, T, V]
@@ -247,38 +256,30 @@ class Transformer(nn.Module):
 
 
 def build_attention_mask(
-    attention_mask: torch.Tensor | None, packed_positions: torch.Tensor | None, T: int, past: int
+    attention_mask: torch.Tensor | None, packed_positions: torch.Tensor | None, T: int
 ) -> torch.Tensor | None:
-    """A boolean "may attend" mask [B, 1, T, S], or None when plain causal attention suffices.
+    """A boolean "may attend" mask [B, 1, T, T] for a forward without a cache, or None when plain causal
+    attention suffices.
 
-    Causal means query t (slot past+t) sees slots <= past+t. A padding mask removes padded slots; packed
-    positions (a position that is not its predecessor + 1 starts a new document) keep each token inside
-    its document. A query row with nothing left to attend to (a padding token) attends to every slot
-    instead, so that it yields finite garbage rather than NaN.
+    A padding mask removes padded tokens; packed positions (a position that is not its predecessor + 1
+    starts a new document) keep each token inside its document. A query row with nothing left to attend
+    to (a padding token) attends to every token instead, so that it yields finite garbage rather than NaN.
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask.bool()
-    S = past + T
-    if attention_mask is None and packed_positions is None and past == 0:
+    if attention_mask is None and packed_positions is None:
         return None  # SDPA's is_causal fast path
-    if attention_mask is None and packed_positions is None and T == 1:
-        return None  # one new token sees the whole cache
-    device = (
-        attention_mask.device
-        if attention_mask is not None
-        else (packed_positions.device if packed_positions is not None else None)
-    )
-    q_slot = torch.arange(past, S, device=device)[:, None]
-    k_slot = torch.arange(S, device=device)[None, :]
-    allowed = (k_slot <= q_slot)[None, None]  # [1, 1, T, S]
+    device = attention_mask.device if attention_mask is not None else packed_positions.device
+    slot = torch.arange(T, device=device)
+    allowed = (slot[None, :] <= slot[:, None])[None, None]  # [1, 1, T, T]
     if packed_positions is not None:
         first = packed_positions[:, :1] - 1
         doc = (torch.diff(packed_positions, prepend=first, dim=-1) != 1).cumsum(-1)  # [B, T]
         if attention_mask is None and not bool(doc[:, -1].any()):
             return None  # no document boundary anywhere: plain causal
-        allowed = allowed & (doc[:, None, :, None] == doc[:, None, None, :])  # [B, 1, T, S]
+        allowed = allowed & (doc[:, None, :, None] == doc[:, None, None, :])  # [B, 1, T, T]
     if attention_mask is not None:
-        if attention_mask.shape[-1] != S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} slots, expected past+T = {S}")
-        allowed = allowed & attention_mask.bool()[:, None, None, :]  # [B, 1, T, S]
+        if attention_mask.shape[-1] != T:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected {T}")
+        allowed = allowed & attention_mask.bool()[:, None, None, :]  # [B, 1, T, T]
     return allowed | ~allowed.any(-1, keepdim=True)

@@ -343,8 +343,12 @@ class Tokenizer:
             warnings.warn(f"{key} {token!r} is not in the vocabulary; treating it as absent", stacklevel=3)
         return i
 
+    def piece_bytes(self) -> list[bytes]:
+        """The bytes each id decodes to (special tokens: their text), computed once: the basis of streaming,
+        token_bytes, OpenAI logprob token strings and grammar masks. Byte-level BPE tokenizers only."""
+        return self._pieces()
+
     def _pieces(self) -> list[bytes]:
-        # The bytes each id decodes to, computed once: the basis of streaming and of token_bytes.
         if self._piece_bytes is None:
             if not isinstance(self._tk.decoder, decoders.ByteLevel):
                 raise LmforgeError(

@@ -84,8 +84,8 @@ def test_batched_equals_unbatched_and_cache_equals_recompute():
     seq = torch.tensor([prompts[0] + alone[0]])
     full = model(seq)
     cache = KVCache(model.config, 1, seq.shape[1])
-    steps = [model(seq[:, :5], cache=cache)]
-    steps += [model(seq[:, i : i + 1], cache=cache) for i in range(5, seq.shape[1])]
+    steps = [cache.feed(model, seq[:, :5])]
+    steps += [cache.feed(model, seq[:, i : i + 1]) for i in range(5, seq.shape[1])]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 

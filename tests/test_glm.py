@@ -621,4 +621,4 @@ def test_cli_generate_infill(trained, capsys):
 def test_build_attention_mask_passes_the_glm_mask_through():
     s = build_sample(np.arange(1, 9), [(2, 4)], [0], G)
     mask = collate([s], G.pad)["attention_mask"]
-    assert torch.equal(build_attention_mask(mask, None, len(s), 0), mask)
+    assert torch.equal(build_attention_mask(mask, None, len(s)), mask)

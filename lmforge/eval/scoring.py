@@ -4,14 +4,13 @@ The token boundary: trailing whitespace of the context moves to the continuation
 one string, and the continuation's tokens are those past the context's own encoding (a split inside a word
 then scores the tokens the whole string really has). Both encodings add the tokenizer's special prefix
 (BOS for Llama 3), as lm-evaluation-harness's HuggingFace backend does. An empty context is replaced by a
-prefix token (BOS, or EOS when there is none). Batches are left-padded so that every row's continuation ends at the last
-position: only the last max(continuation) positions go through the output projection.
-
-Shape letters: B batch, L padded length, C continuation positions kept, V vocab.
+prefix token (BOS, or EOS when there is none). Scoring runs on the decoding engine (lmforge.generate.engine) as
+prompt log-probs: chunked, batched, with shared contexts reused through its prefix cache.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +18,8 @@ from typing import Any
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.generate.decode import left_pad, positions_from_mask
-from lmforge.generate.kv_cache import KVCache
+from lmforge.generate.engine import Engine, EngineConfig, RequestHandle
+from lmforge.generate.options import GenerationOptions
 from lmforge.model import Transformer
 from lmforge.progress import Progress
 
@@ -75,8 +74,9 @@ def score_tokens(
 ) -> list[Score]:
     """Scores of (context ids, continuation ids) pairs; contexts are cut from the left to fit max_length.
 
-    Pairs that share a context (the choices of one question) share its forward pass: the context goes
-    through the model once into a KV cache, which every continuation then extends."""
+    Scored on the decoding engine (prompt log-probs, nothing generated), so the numbers are the serving
+    path's. Pairs that share a context (the choices of one question) share its KV blocks: the first
+    choice of every question goes first, and the others then start from its cached context blocks."""
     if batch_size <= 0:
         raise LmforgeError(f"batch_size must be positive, got {batch_size}.")
     max_length = max_length or model.config.max_position_embeddings
@@ -84,72 +84,46 @@ def score_tokens(
     for _, cont in pairs:
         if len(cont) > max_length:
             raise LmforgeError(f"a continuation of {len(cont)} tokens exceeds max_length {max_length}.")
-    groups: dict[tuple[int, ...], list[int]] = {}
+    rows = [(ctx + cont)[-(max_length + 1) :] for ctx, cont in pairs]  # the model reads all but the last
+    firsts: dict[tuple[int, ...], int] = {}
     for i, (ctx, _) in enumerate(pairs):
-        groups.setdefault(tuple(ctx), []).append(i)
-    shared = [
-        idx
-        for ctx, idx in groups.items()
-        if len(idx) > 1 and len(ctx) > 1 and all(len(ctx) + len(pairs[i][1]) <= max_length + 1 for i in idx)
-    ]
-    alone = sorted(
-        (i for idx in groups.values() if idx not in shared for i in idx),
-        key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])),
-    )  # longest first, as lm-eval does
-    results: list[Score | None] = [None] * len(pairs)
-    with Progress(len(pairs), "score", unit="req", enabled=progress) as bar:
-        for idx in shared:
-            for i, score in zip(idx, _score_shared_context(model, [pairs[i] for i in idx]), strict=True):
-                results[i] = score
-            bar.update(len(idx))
-        for start in range(0, len(alone), batch_size):
-            idx = alone[start : start + batch_size]
-            for i, score in zip(idx, _score_batch(model, [pairs[i] for i in idx], max_length), strict=True):
-                results[i] = score
-            bar.update(len(idx))
-    return [r for r in results if r is not None]
-
-
-def _scores(logprobs: torch.Tensor, conts: list[list[int]], offsets: list[int]) -> list[Score]:
-    """Per row: the log-probs [N, V] rows offsets[r] .. offsets[r] + len(cont) scored against cont."""
+        firsts.setdefault(tuple(ctx), i)
+    waves = [sorted(set(firsts.values())), sorted(set(range(len(pairs))) - set(firsts.values()))]
+    block = 16
+    longest = max((len(r) for r in rows), default=1)
+    config = EngineConfig(
+        max_batch=batch_size,
+        kv_blocks=(batch_size + 1) * math.ceil(longest / block) + len(firsts) * math.ceil(longest / block) + 1,
+        block_size=block,
+        prefill_chunk=max(512, batch_size * min(longest, 128)),
+        max_waiting=max(len(pairs), 1),
+    )
+    engine = Engine(model, None, config)
+    handles: list[RequestHandle | None] = [None] * len(pairs)
+    options = GenerationOptions(max_new_tokens=1)
+    try:
+        with Progress(len(pairs), "score", unit="req", enabled=progress) as bar:
+            for wave in waves:
+                for i in sorted(wave, key=lambda i: -len(rows[i])):  # longest first, as lm-eval does
+                    score_from = len(rows[i]) - len(pairs[i][1])
+                    handles[i] = engine.submit(
+                        rows[i], options, prompt_logprobs=1, score_from=score_from, score_only=True
+                    )
+                while engine.has_work():
+                    before = engine.counters["finished_requests"]
+                    engine.step()
+                    bar.update(engine.counters["finished_requests"] - before)
+    finally:
+        engine.close()
     out = []
-    for row, (cont, offset) in enumerate(zip(conts, offsets, strict=True)):
-        lp = logprobs[row, offset : offset + len(cont)]  # [len(cont), V]
-        target = torch.tensor(cont, device=lp.device)
-        token_lp = lp.gather(-1, target[:, None]).squeeze(-1)
-        out.append(Score(float(token_lp.sum()), bool((lp.argmax(-1) == target).all()), len(cont)))
+    for i, h in enumerate(handles):
+        assert h is not None and h.prompt_logprobs is not None
+        cont = pairs[i][1]
+        lps = h.prompt_logprobs[-len(cont) :]
+        tops = h.prompt_top_logprobs[-len(cont) :]
+        greedy = all(next(iter(top)) == t for top, t in zip(tops, cont, strict=True))
+        out.append(Score(float(sum(lps)), greedy, len(cont)))
     return out
-
-
-def _score_batch(model: Transformer, pairs: list[tuple[list[int], list[int]]], max_length: int) -> list[Score]:
-    """Left-padded rows, so that every continuation ends at the last position."""
-    device = next(model.parameters()).device
-    rows = [(ctx + cont)[-(max_length + 1) :][:-1] for ctx, cont in pairs]  # the model predicts cont from here
-    conts = [cont for _, cont in pairs]
-    batch = left_pad(rows, device)
-    keep = max(len(c) for c in conts)
-    logits = model(
-        batch.input_ids, positions_from_mask(batch.attention_mask), batch.attention_mask, logits_to_keep=keep
-    )  # [B, C, V]
-    return _scores(torch.log_softmax(logits.float(), dim=-1), conts, [keep - len(c) for c in conts])
-
-
-def _score_shared_context(model: Transformer, pairs: list[tuple[list[int], list[int]]]) -> list[Score]:
-    """One context, several continuations: the context minus its last token is run once into a cache that is
-    then copied to one row per continuation; each row reads [last context token, cont[:-1]] (right-padded:
-    causal attention keeps padding out of the real positions) and predicts cont."""
-    p = next(model.parameters())
-    context = pairs[0][0]
-    conts = [cont for _, cont in pairs]
-    width = max(len(c) for c in conts)
-    cache = KVCache(model.config, 1, len(context) - 1 + width, p.dtype, p.device)
-    model(torch.tensor([context[:-1]], device=p.device), cache=cache, logits_to_keep=1)
-    cache.reorder(torch.zeros(len(pairs), dtype=torch.long, device=p.device))
-    rows = torch.zeros(len(pairs), width, dtype=torch.long, device=p.device)  # [G, W]
-    for r, cont in enumerate(conts):
-        rows[r, : len(cont)] = torch.tensor([context[-1], *cont[:-1]])
-    logits = model(rows, cache=cache)  # [G, W, V]
-    return _scores(torch.log_softmax(logits.float(), dim=-1), conts, [0] * len(conts))
 
 
 def loglikelihood(

@@ -10,17 +10,18 @@ one of `stop_strings`; the batch stops when every row has.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.generate.decode import Decoder, left_pad
-from lmforge.generate.gemv import ParallelGemv
+from lmforge.generate.engine import Engine, EngineConfig, RequestHandle, sequence_seed
 from lmforge.generate.options import GenerationOptions
-from lmforge.generate.processors import PAD, apply_processors, build_processors, sample
+from lmforge.generate.processors import build_processors
 from lmforge.model import Transformer
 
 
@@ -62,64 +63,71 @@ def _check_prompts(model: Transformer, prompts: list[list[int]], options: Genera
         )
 
 
-class _StopStrings:
-    """Per row: whether the generated text so far contains a stop string (checked on a decoded tail)."""
-
-    def __init__(self, tokenizer: Any, stop_strings: Sequence[str]) -> None:
-        self.tokenizer, self.stops = tokenizer, list(stop_strings)
-        self.window = max((len(s) for s in self.stops), default=0) + 16  # enough tokens to cover any stop
-
-    def hit(self, generated: list[int]) -> bool:
-        tail = self.tokenizer.decode(generated[-self.window :])
-        return any(s in tail for s in self.stops)
-
-
-def _run(
-    model: Transformer, prompts: list[list[int]], options: GenerationOptions, tokenizer: Any
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (tokens [N], newly finished [N]) per step for N = prompts x num_return_sequences rows."""
+def _engine_run(
+    model: Transformer,
+    prompts: list[list[int]],
+    options: GenerationOptions,
+    tokenizer: Any,
+    skip_special_tokens: bool = True,
+    grammar: Any = None,
+) -> tuple[Engine, list[RequestHandle]]:
+    """An engine sized for exactly these rows (prompts x num_return_sequences, no preemption), with every
+    row submitted; the caller steps it."""
     if options.stop_strings and tokenizer is None:
         raise LmforgeError("stop_strings need a tokenizer: pass tokenizer=... to decode the generated text.")
-    rows = [p for p in prompts for _ in range(options.num_return_sequences)]
-    device = next(model.parameters()).device
-    batch = left_pad(rows, device)
-    eos = options.eos_token_id if options.eos_token_id is not None else model.config.usable_eos_token_ids
-    eos_t = torch.tensor(list(eos), dtype=torch.long, device=device)
-    processors = build_processors(options)
-    history = torch.where(batch.attention_mask.bool(), batch.input_ids, PAD)  # [N, P]
-    generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
-    stops = _StopStrings(tokenizer, options.stop_strings) if options.stop_strings else None
-    generated: list[list[int]] = [[] for _ in rows]
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    decoder = Decoder(model, batch, options.max_new_tokens)
-    logits = decoder.prefill()  # a real matrix product: all of BLAS's threads
-    with ParallelGemv(model):  # one token per row per step: matrix-vector products
-        for step in range(options.max_new_tokens):
-            scores = apply_processors(processors, history, logits) if processors else logits
-            tokens = sample(scores, generator) if options.do_sample else scores.argmax(-1)
-            newly = ~done & torch.isin(tokens, eos_t) if eos else torch.zeros_like(done)
-            if stops is not None:
-                for i in range(len(rows)):
-                    if not done[i]:
-                        generated[i].append(int(tokens[i]))
-                        if not newly[i] and stops.hit(generated[i]):
-                            newly[i] = True
-            yield tokens, newly
-            done |= newly
-            if bool(done.all()) or step == options.max_new_tokens - 1:
-                return
-            if processors:  # only processors look at the history
-                history = torch.cat([history, tokens[:, None]], dim=1)
-            logits = decoder.step(tokens)
+    rows = [(p, j) for p in prompts for j in range(options.num_return_sequences)]
+    block = 16
+    blocks = sum(math.ceil((len(p) + options.max_new_tokens) / block) for p, _ in rows) + 1
+    config = EngineConfig(
+        max_batch=len(rows),
+        kv_blocks=blocks,
+        block_size=block,
+        prefill_chunk=max(256, sum(len(p) for p, _ in rows)),
+        max_waiting=len(rows),
+    )
+    engine = Engine(model, tokenizer, config)
+    one = dataclasses.replace(options, num_return_sequences=1)
+    handles = [
+        engine.submit(
+            p,
+            dataclasses.replace(one, seed=sequence_seed(options.seed, j)),
+            skip_special_tokens=skip_special_tokens,
+            constraint=grammar.constraint() if grammar is not None else None,
+        )
+        for p, j in rows
+    ]
+    return engine, handles
 
 
-def generate(model: Transformer, prompt_ids: Any, *, tokenizer: Any = None, **options: Any) -> list:
+def generate(
+    model: Transformer,
+    prompt_ids: Any,
+    *,
+    tokenizer: Any = None,
+    json_schema: dict | str | None = None,
+    regex: str | None = None,
+    json_object: bool = False,
+    **options: Any,
+) -> list:
     """Generated token ids (without the prompt) for one prompt or a batch; options as GenerationOptions.
 
     One prompt -> list[int]; a batch -> list[list[int]]; with num_return_sequences = n > 1, n lists per
-    prompt (prompt-major, as transformers orders them).
+    prompt (prompt-major, as transformers orders them). `json_schema`, `regex` or `json_object` constrain
+    the output to that grammar (lmforge.generate.structured; needs the tokenizer and the `structured`
+    extra): the text always parses, and ends where the grammar is complete.
     """
     opts = GenerationOptions.from_kwargs(**options)
+    grammar = None
+    if json_schema is not None or regex is not None or json_object:
+        if tokenizer is None:
+            raise LmforgeError("structured output needs the tokenizer: pass tokenizer=...")
+        if opts.num_beams > 1:
+            raise LmforgeError("structured output decodes with sampling or greedy search, not beams.")
+        from lmforge.generate.structured import compile_grammar
+
+        grammar = compile_grammar(
+            tokenizer, model.config.vocab_size, json_schema=json_schema, regex=regex, json_object=json_object
+        )
     prompts, single = _normalize_prompts(prompt_ids)
     _check_prompts(model, prompts, opts)
     was_training = model.training
@@ -132,13 +140,12 @@ def generate(model: Transformer, prompt_ids: Any, *, tokenizer: Any = None, **op
             beams = beam_search(model, prompts, opts, list(eos), build_processors(opts, min_tokens_to_keep=1))
             out = [tokens for per_prompt in beams for tokens, _ in per_prompt]
         else:
-            out = [[] for _ in range(len(prompts) * opts.num_return_sequences)]
-            finished = [False] * len(out)
-            for tokens, newly in _run(model, prompts, opts, tokenizer):
-                for i, t in enumerate(tokens.tolist()):
-                    if not finished[i]:
-                        out[i].append(t)
-                        finished[i] = bool(newly[i])
+            engine, handles = _engine_run(model, prompts, opts, tokenizer, grammar=grammar)
+            try:
+                engine.run_until_done()
+            finally:
+                engine.close()
+            out = [[e.token_id for e in h if e.token_id is not None] for h in handles]
     finally:
         model.train(was_training)
     if single and len(out) == 1:
@@ -157,14 +164,16 @@ def generate_stream(
     if not single or opts.num_return_sequences != 1 or opts.num_beams != 1:
         raise LmforgeError("streaming takes one prompt and returns one sequence (no beams, num_return_sequences=1).")
     _check_prompts(model, prompts, opts)
-    text_stream = tokenizer.decode_stream(skip_special_tokens=skip_special_tokens) if tokenizer is not None else None
     model.eval()
-    for step, (tokens, newly) in enumerate(_run(model, prompts, opts, tokenizer)):
-        token = int(tokens[0])
-        last = bool(newly[0]) or step == opts.max_new_tokens - 1
-        text = ""
-        if text_stream is not None:
-            text = text_stream.push(token) + (text_stream.flush() if last else "")
-        yield Chunk(token, text, last)
-        if last:
-            return
+    engine, (handle,) = _engine_run(model, prompts, opts, tokenizer, skip_special_tokens)
+    try:
+        while engine.has_work():
+            engine.step()
+            while not handle._events.empty():
+                event = handle._events.get()
+                if event.token_id is not None:
+                    yield Chunk(event.token_id, event.text, event.finished)
+                if event.finished:
+                    return
+    finally:
+        engine.close()

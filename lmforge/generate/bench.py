@@ -36,7 +36,7 @@ def prefill_seconds(model: Transformer, n: int, generator: torch.Generator) -> f
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=generator, device=p.device)
     cache = KVCache(model.config, 1, n, p.dtype, p.device)
     t0 = time.perf_counter()
-    model(ids, cache=cache, logits_to_keep=1)
+    cache.feed(model, ids, logits_to_keep=1)
     return time.perf_counter() - t0
 
 
@@ -49,7 +49,7 @@ def decode_seconds(model: Transformer, n: int, generator: torch.Generator) -> fl
     with ParallelGemv(model):
         t0 = time.perf_counter()
         for _ in range(n):
-            token = model(token, cache=cache)[:, -1:].argmax(-1)
+            token = cache.feed(model, token)[:, -1:].argmax(-1)
         return time.perf_counter() - t0
 
 

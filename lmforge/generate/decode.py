@@ -18,7 +18,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.generate.kv_cache import KVCache
-from lmforge.model import Transformer
+from lmforge.model import Transformer, build_attention_mask
 
 
 @dataclass
@@ -71,9 +71,10 @@ class Decoder:
         """Logits [B, V] for the token after each prompt."""
         ids = self.prompts.input_ids
         if self.padded:
-            logits = self.model(ids, positions_from_mask(self.mask), self.mask, self.cache, logits_to_keep=1)
+            mask = build_attention_mask(self.mask, None, ids.shape[1])  # causal, padding hidden: [B, 1, P, P]
+            logits = self.model(ids, positions_from_mask(self.mask), mask, self.cache, logits_to_keep=1)
         else:
-            logits = self.model(ids, cache=self.cache, logits_to_keep=1)
+            logits = self.cache.feed(self.model, ids, logits_to_keep=1)
         return logits[:, -1].float()
 
     @torch.inference_mode()  # lighter than no_grad: no autograd bookkeeping at all
@@ -81,10 +82,11 @@ class Decoder:
         """Feed tokens [B] and return the logits [B, V] for the next position."""
         if self.padded:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-            logits = self.model(tokens[:, None], self.next_position, self.mask, self.cache)
+            mask = self.mask.bool()[:, None, None, :]  # [B, 1, 1, S]: the new token sees the real slots
+            logits = self.model(tokens[:, None], self.next_position, mask, self.cache)
             self.next_position = self.next_position + 1
-        else:  # positions follow the cache slots: the model's default
-            logits = self.model(tokens[:, None], cache=self.cache)
+        else:  # positions follow the cache slots
+            logits = self.cache.feed(self.model, tokens[:, None])
         return logits[:, -1].float()
 
     def reorder(self, index: torch.Tensor) -> None:

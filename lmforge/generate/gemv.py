@@ -33,7 +33,18 @@ class ParallelGemv:
         self.patched: list[tuple[Any, str]] = []
 
     def __enter__(self) -> ParallelGemv:
-        if self.threads < 2:
+        """Install, and hand torch's intra-op threads to the helpers until exit."""
+        self.install()
+        if self.pool is not None:
+            # Our threads replace PyTorch's intra-op pool while decoding: its OpenMP workers would otherwise
+            # spin on the cores our helpers need. At one token per step the other ops are too small to miss them.
+            self.saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        return self
+
+    def install(self) -> ParallelGemv:
+        """Route the eligible layers' small products through the helper threads (until `remove`)."""
+        if self.threads < 2 or self.patched:
             return self
         # Exactly nn.Linear: subclasses (LoRA layers) compute more than the product and keep their forward.
         linears = [m for m in self.model.modules() if type(m) is nn.Linear and _eligible(m.weight)]
@@ -41,10 +52,6 @@ class ParallelGemv:
         if not linears and (head_weight is None or not _eligible(head_weight)):
             return self
         self.pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, thread_name_prefix="lmforge-gemv")
-        # Our threads replace PyTorch's intra-op pool while decoding: its OpenMP workers would otherwise spin
-        # on the cores our helpers need. At one token per step the other ops are too small to miss them.
-        self.saved_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         for m in linears:
             m.forward = MethodType(_linear_forward(self), m)
             self.patched.append((m, "forward"))
@@ -58,13 +65,17 @@ class ParallelGemv:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            torch.set_num_threads(self.saved_threads)
+        self.remove()
+
+    def remove(self) -> None:
         for obj, name in self.patched:
             delattr(obj, name)  # the class's method shows through again
         self.patched.clear()
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
-            torch.set_num_threads(self.saved_threads)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]

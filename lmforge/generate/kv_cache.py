@@ -1,7 +1,11 @@
-"""A preallocated KV cache (gpt-fast style): one [B, K, S_max, D] buffer per layer for keys and values.
+"""A preallocated KV cache for one static batch (gpt-fast style): one [B, K, S_max, D] buffer per layer.
 
 Only the K kv heads are stored, so grouped-query attention shrinks the cache by H/K. Slots are filled
-left to right; `length` is how many are in use. `reorder` follows beams in beam search.
+left to right, the same slots for every row; `length` is how many are in use, advanced once the last
+layer has written a forward's keys. The caller gives the model positions and the mask (`positions`,
+`causal_mask` build the usual ones). `reorder` follows beams in beam search. The engine's paged cache
+(paged.py), with a length per request, is what serves concurrent requests; this one serves the
+strategies that need one batch in lockstep (beams, speculative verification, GLM infilling, scoring).
 """
 
 from __future__ import annotations
@@ -41,7 +45,25 @@ class KVCache:
             )
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
+        if layer == len(self.k) - 1:
+            self.length = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def positions(self, T: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Position ids [T] of the next T tokens when the slots are the positions (no padding)."""
+        return torch.arange(self.length, self.length + T, device=device)
+
+    def causal_mask(self, T: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The [1, 1, T, S] mask of T new tokens after `length` cached ones (None for one token)."""
+        if T == 1:
+            return None
+        q = torch.arange(self.length, self.length + T, device=device)[:, None]
+        return (torch.arange(self.length + T, device=device)[None, :] <= q)[None, None]
+
+    def feed(self, model: torch.nn.Module, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Run `ids` [B, T] after the cached tokens with the usual positions and causal mask."""
+        T = ids.shape[1]
+        return model(ids, self.positions(T, ids.device), self.causal_mask(T, ids.device), self, logits_to_keep)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search: each surviving beam takes its parent's cache)."""

@@ -71,9 +71,9 @@ def speculative_generate(
 
     prompt = torch.tensor([list(prompt_ids)], device=device)
     # The target produces the first token; the draft only needs the prompt in its cache.
-    last = int(target(prompt, cache=t_cache, logits_to_keep=1)[0, -1].argmax())
+    last = int(t_cache.feed(target, prompt, logits_to_keep=1)[0, -1].argmax())
     if prompt.shape[1] > 1:
-        draft(prompt[:, :-1], cache=d_cache)
+        d_cache.feed(draft, prompt[:, :-1])
     d_pending = [int(prompt[0, -1])]  # tokens the draft still has to read
     out = [last]
     drafted = accepted = 0
@@ -85,13 +85,13 @@ def speculative_generate(
             proposal: list[int] = []
             feed = d_pending + [last]
             for _ in range(k):
-                logits = draft(torch.tensor([feed], device=device), cache=d_cache, logits_to_keep=1)
+                logits = d_cache.feed(draft, torch.tensor([feed], device=device), logits_to_keep=1)
                 feed = [int(logits[0, -1].argmax())]
                 proposal.append(feed[0])
             drafted += k
             # The target checks [last, d1..dk] at once: prediction i is its choice after d_i.
             t_start = t_cache.length
-            check = target(torch.tensor([[last, *proposal]], device=device), cache=t_cache)[0].argmax(-1).tolist()
+            check = t_cache.feed(target, torch.tensor([[last, *proposal]], device=device))[0].argmax(-1).tolist()
             forwards += 1
             n = 0
             while n < k and proposal[n] == check[n]:
