@@ -33,6 +33,7 @@ def _register_commands() -> None:
     import lmforge.commands.finetune
     import lmforge.commands.generate
     import lmforge.commands.model
+    import lmforge.commands.serve
     import lmforge.commands.train  # noqa: F401
 
 
