@@ -33,6 +33,7 @@ def _register_commands() -> None:
     import lmforge.commands.finetune
     import lmforge.commands.generate
     import lmforge.commands.model
+    import lmforge.commands.plan
     import lmforge.commands.serve
     import lmforge.commands.train  # noqa: F401
 
@@ -52,6 +53,7 @@ ORDER = (
     "eval",
     "bench",
     "serve",
+    "plan",
     "quickstart",
 )
 

@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 import lmforge
 from lmforge import LmforgeError, ModelConfig, Transformer
 from lmforge.data import PackedLoader, prepare
+from lmforge.parallel.checkpointing import apply_activation_checkpointing
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoints as ckpt_module
 from lmforge.train.checkpoints import latest_checkpoint
 from lmforge.train.config import TrainConfig
-from lmforge.train.loop import apply_activation_checkpointing, train
+from lmforge.train.loop import train
 from lmforge.train.objectives import LossOutput, causal_lm
 from lmforge.train.optim import lr_multiplier, param_groups
 from lmforge.train.pretrain import pretrain

@@ -7,10 +7,18 @@ from typing import Any
 
 from lmforge.cli import command
 from lmforge.commands.flags import Options, add_options
-from lmforge.commands.train import add_resume_args, add_run_args, training_summary
+from lmforge.commands.train import (
+    add_parallel_options,
+    add_resume_args,
+    add_run_args,
+    distributed_run,
+    start_distributed,
+    training_summary,
+)
 from lmforge.errors import LmforgeError
 from lmforge.finetune.config import DistillConfig, DPOConfig, SFTConfig
 from lmforge.finetune.lora import LoraConfig
+from lmforge.parallel.env import is_rank0
 from lmforge.train.config import TrainConfig
 
 _MODEL_HELP = "checkpoint directory (or run directory) to start from"
@@ -42,6 +50,7 @@ def _add_finetune_options(p: argparse.ArgumentParser, cls: type) -> None:
     add_options(p, cls, title=f"{cls.__name__} options")
     add_options(p, LoraConfig, prefix="lora_", title="LoRA options (with --method lora)")
     add_options(p, TrainConfig, title="training options")
+    add_parallel_options(p)
 
 
 # --- finetune --------------------------------------------------------------------------------------
@@ -67,10 +76,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     sft, cfg = o.build(SFTConfig), o.build(TrainConfig)
     lora = _lora(o, sft.method)
     resume, overwrite = bool(o.value("resume")), bool(o.value("overwrite"))
+    parallel = start_distributed(o)
     o.check_file_used()
-    out = finetune(model, data, out_dir, cfg, sft, lora, resume=resume, overwrite=overwrite)
-    print(f"data: {out.data.format()}" + _lora_line(out.start))
-    print(training_summary(out.result, out.run_dir, out.plot))
+    with distributed_run():
+        out = finetune(model, data, out_dir, cfg, sft, lora, resume=resume, overwrite=overwrite, parallel=parallel)
+    if is_rank0():
+        print(f"data: {out.data.format()}" + _lora_line(out.start))
+        print(training_summary(out.result, out.run_dir, out.plot))
     return 0
 
 
@@ -107,8 +119,12 @@ def run_dpo(args: argparse.Namespace) -> int:
     options, cfg = o.build(DPOConfig), o.build(TrainConfig)
     lora = _lora(o, options.method)
     resume, overwrite = bool(o.value("resume")), bool(o.value("overwrite"))
+    parallel = start_distributed(o)
     o.check_file_used()
-    out = dpo(model, data, out_dir, cfg, options, lora, resume=resume, overwrite=overwrite)
+    with distributed_run():
+        out = dpo(model, data, out_dir, cfg, options, lora, resume=resume, overwrite=overwrite, parallel=parallel)
+    if not is_rank0():
+        return 0
     last = next((h for h in reversed(out.result.history) if "preference_accuracy" in h), {})
     extra = (
         f"; last step: reward margin {last.get('reward_margin', 0):.3f}, "
@@ -130,6 +146,7 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     add_resume_args(p)
     add_options(p, DistillConfig, title="distillation options")
     add_options(p, TrainConfig, title="training options")
+    add_parallel_options(p)
 
 
 @command("distill", "train a student on a teacher's distribution (KL) mixed with cross-entropy", _distill_args)
@@ -140,7 +157,12 @@ def run_distill(args: argparse.Namespace) -> int:
     teacher, student, data, out_dir = o.require("teacher", "student", "data", "out")
     options, cfg = o.build(DistillConfig), o.build(TrainConfig)
     resume, overwrite = bool(o.value("resume")), bool(o.value("overwrite"))
+    parallel = start_distributed(o)
     o.check_file_used()
-    out = distill(teacher, student, data, out_dir, cfg, options, resume=resume, overwrite=overwrite)
-    print(training_summary(out.result, out.run_dir, out.plot))
+    with distributed_run():
+        out = distill(
+            teacher, student, data, out_dir, cfg, options, resume=resume, overwrite=overwrite, parallel=parallel
+        )
+    if is_rank0():
+        print(training_summary(out.result, out.run_dir, out.plot))
     return 0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from lmforge.cli import command
 from lmforge.commands.flags import Options, add_options
+from lmforge.parallel.env import is_rank0
 from lmforge.train.config import TrainConfig
 
 
@@ -48,6 +50,38 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tokenizer", help="tokenizer directory (default: the one stored with the data)")
     add_options(p, TrainConfig, title="training options")
+    add_parallel_options(p)
+
+
+def add_parallel_options(p: argparse.ArgumentParser) -> None:
+    """--parallel ddp|fsdp|tp|fsdp+tp and its settings (lmforge.parallel.mesh.ParallelConfig), under torchrun.
+    Activation checkpointing stays TrainConfig's flag (selective checkpointing is the library's)."""
+    from lmforge.parallel.mesh import ParallelConfig
+
+    add_options(
+        p, ParallelConfig, exclude=("activation_checkpointing", "checkpoint_every"), title="parallelism (torchrun)"
+    )
+
+
+def start_distributed(o: Options):
+    """The run's ParallelConfig, having joined torchrun's process group when there is one."""
+    from lmforge.parallel.env import init_distributed
+    from lmforge.parallel.mesh import ParallelConfig
+
+    parallel = o.build(ParallelConfig)
+    init_distributed()
+    return parallel
+
+
+@contextlib.contextmanager
+def distributed_run():
+    """Leave torchrun's process group when the command is done (or failed), so every rank exits cleanly."""
+    from lmforge.parallel.env import destroy
+
+    try:
+        yield
+    finally:
+        destroy()
 
 
 @command(
@@ -60,9 +94,14 @@ def run_pretrain(args: argparse.Namespace) -> int:
     model, data, out_dir = o.require("model", "data", "out")
     cfg = o.build(TrainConfig)
     tokenizer, resume, overwrite = o.value("tokenizer"), bool(o.value("resume")), bool(o.value("overwrite"))
+    parallel = start_distributed(o)
     o.check_file_used()
-    out = pretrain(model, data, out_dir, cfg, resume=resume, overwrite=overwrite, tokenizer=tokenizer)
-    print(training_summary(out.result, out.run_dir, out.plot))
+    with distributed_run():
+        out = pretrain(
+            model, data, out_dir, cfg, resume=resume, overwrite=overwrite, tokenizer=tokenizer, parallel=parallel
+        )
+    if is_rank0():
+        print(training_summary(out.result, out.run_dir, out.plot))
     return 0
 
 

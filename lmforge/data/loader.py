@@ -164,3 +164,31 @@ def sequential_batches(
     n = count_windows(shards, seq_len)
     for start in range(0, n, batch_size):
         yield make_batch(shards, range(start, min(start + batch_size, n)), seq_len, mask_documents)
+
+
+class RankShare:
+    """Rank `rank` of `world` data-parallel ranks reads every world-th micro-batch of `batches`, so that the
+    global sequence of micro-batches is the same for every decomposition: 2 ranks with accumulation 1 read
+    what 1 process with accumulation 2 reads. The position (`state_dict`) is the global one, the same on
+    every rank, so a run resumes at any world size whose global batch is the same."""
+
+    def __init__(self, batches: Any, rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self) -> RankShare:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        mine = None
+        for r in range(self.world):
+            batch = next(self.batches)
+            if r == self.rank:
+                mine = batch
+        assert mine is not None
+        return mine
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state)

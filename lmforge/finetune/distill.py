@@ -20,10 +20,12 @@ from lmforge.data.shards import TokenShards, has_split
 from lmforge.errors import LmforgeError
 from lmforge.finetune.config import DistillConfig
 from lmforge.model import Transformer
+from lmforge.parallel.env import is_rank0
+from lmforge.parallel.mesh import ParallelConfig
 from lmforge.plots import plot_training, read_metrics
 from lmforge.runtime import model_device
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoints import checkpoint_to_resume, resolve_model_dir
+from lmforge.train.checkpoints import resolve_model_dir, resume_point
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainResult, check_context, resolve_precision, train
 from lmforge.train.objectives import IGNORE_INDEX, LossOutput, token_cross_entropy
@@ -72,6 +74,7 @@ def distill(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    parallel: ParallelConfig | None = None,
 ) -> DistillOutput:
     """Train `student` (a checkpoint, preset or config file) on `teacher`'s distribution over prepared shards."""
     options = options or DistillConfig()
@@ -88,7 +91,7 @@ def distill(
             f"{teacher_model.config.vocab_size}; prepare the data with the teacher's tokenizer."
         )
 
-    ckpt = checkpoint_to_resume(run_dir, resume, overwrite, sources=(teacher, student, data))
+    ckpt = resume_point(run_dir, resume, overwrite, sources=(teacher, student, data))
     student_dir = resolve_model_dir(student)
     if ckpt is not None:
         model = load_pretrained(ckpt, dtype=torch.float32)
@@ -127,6 +130,11 @@ def distill(
         tokenizer_dir=teacher_dir,
         resume_from=ckpt,
         progress=progress,
+        parallel=parallel,
     )
-    plot = plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title="distillation")
+    plot = (
+        plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title="distillation")
+        if is_rank0()
+        else None
+    )
     return DistillOutput(result, run_dir, model, plot)

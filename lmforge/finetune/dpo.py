@@ -31,6 +31,8 @@ from lmforge.finetune.sft_data import Example, render
 from lmforge.jsonl import read_jsonl
 from lmforge.model import Transformer
 from lmforge.options import to_mapping
+from lmforge.parallel.env import is_rank0
+from lmforge.parallel.mesh import ParallelConfig
 from lmforge.plots import plot_training, read_metrics
 from lmforge.runtime import model_device
 from lmforge.train.config import TrainConfig
@@ -221,6 +223,7 @@ def dpo(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    parallel: ParallelConfig | None = None,
 ) -> DPOOutput:
     """Preference optimisation of `model` (a checkpoint or run directory) on JSONL pairs `data`."""
     options = options or DPOConfig()
@@ -270,6 +273,9 @@ def dpo(
         resume_from=start.resume_from,
         progress=progress,
         save_model=checkpoint_writer(start),
+        parallel=parallel,
     )
-    plot = plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title=f"DPO ({loss_type})")
+    plot = None
+    if is_rank0():
+        plot = plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title=f"DPO ({loss_type})")
     return DPOOutput(result, run_dir, start, counts, plot)

@@ -14,8 +14,9 @@ from lmforge.checkpoint import load_pretrained, save_pretrained
 from lmforge.errors import LmforgeError
 from lmforge.finetune.config import METHODS
 from lmforge.model import Transformer
+from lmforge.parallel.env import is_rank0
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoints import checkpoint_to_resume, resolve_model_dir
+from lmforge.train.checkpoints import resolve_model_dir, resume_point
 
 
 @dataclass
@@ -47,7 +48,7 @@ def start_run(
         lora = LoraConfig()
     if method == "full":
         lora = None
-    ckpt = checkpoint_to_resume(run_dir, resume, overwrite, sources=(model,))
+    ckpt = resume_point(run_dir, resume, overwrite, sources=(model,))
     base_dir = resolve_model_dir(model)
     if not (base_dir / "tokenizer.json").is_file():
         raise LmforgeError(f"{base_dir} has no tokenizer.json; fine-tuning renders text with the model's tokenizer.")
@@ -79,6 +80,8 @@ def checkpoint_writer(start: Start):
 
 
 def record_run(run_dir: Path, kind: str, start: Start, settings: dict[str, Any]) -> None:
+    if not is_rank0():  # under torchrun, rank 0 alone writes
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "kind": kind,

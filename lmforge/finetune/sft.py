@@ -11,6 +11,8 @@ from lmforge.finetune.lora import LoraConfig
 from lmforge.finetune.runs import Start, checkpoint_writer, record_run, start_run
 from lmforge.finetune.sft_data import SFTLoader, SFTReport, eval_batches, read_conversations, tokenize_conversations
 from lmforge.options import to_mapping
+from lmforge.parallel.env import is_rank0
+from lmforge.parallel.mesh import ParallelConfig
 from lmforge.plots import plot_training, read_metrics
 from lmforge.runtime import model_device
 from lmforge.train.config import TrainConfig
@@ -43,6 +45,7 @@ def finetune(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    parallel: ParallelConfig | None = None,
 ) -> FinetuneOutput:
     """Supervised fine-tuning of `model` (a checkpoint or run directory) on chat/instruction JSONL `data`."""
     sft = sft or SFTConfig()
@@ -75,6 +78,9 @@ def finetune(
         resume_from=start.resume_from,
         progress=progress,
         save_model=checkpoint_writer(start),
+        parallel=parallel,
     )
-    plot = plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title=f"SFT ({sft.method})")
+    plot = None
+    if is_rank0():
+        plot = plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title=f"SFT ({sft.method})")
     return FinetuneOutput(result, run_dir, start, report, plot)

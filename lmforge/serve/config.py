@@ -14,7 +14,6 @@ API_KEY_ENV = "LMFORGE_API_KEY"
 class ServeConfig:
     """The HTTP side; the engine's own options (batch, KV blocks, chunking, queue) are EngineConfig's."""
 
-
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to the network)")
     port: int = option(8000, "TCP port (0: any free one)")
     api_key: str | None = option(

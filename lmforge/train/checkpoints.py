@@ -277,3 +277,49 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         assert ckpt is not None
         return ckpt
     return p
+
+
+def save_distributed(
+    run_dir: Path,
+    step: int,
+    model: Transformer,
+    step_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    tokenizer_dir: Path | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """A checkpoint of a run split over ranks: every rank writes its shards of the model and optimizer (DCP,
+    lmforge.parallel.dcp), rank 0 adds the whole model in HF format (so transformers reads what a sharded
+    run trained), the tokenizer and the trainer state, and commits it all atomically. A collective."""
+    from lmforge.parallel.dcp import committing, discard, save_sharded, staging_dir
+    from lmforge.parallel.env import barrier, is_rank0
+    from lmforge.parallel.export import gather_model
+
+    root = run_dir / "checkpoints"
+    staging = staging_dir(root, step)
+    save_sharded(staging, step_model, optimizer)
+    plain = gather_model(step_model)  # rank 0: the full weights; elsewhere None
+    if is_rank0():
+        assert plain is not None
+        state = {k: v for k, v in trainer_state.items() if k != "optimizer"}  # it is in the shards
+        try:
+            save_checkpoint(run_dir, step, plain, state, tokenizer_dir, keep_last, committing(staging, save_pretrained))
+        finally:
+            discard(staging)
+    barrier()
+    return root / f"step-{step:08d}"
+
+
+def resume_point(
+    run_dir: Path, resume: bool, overwrite: bool, sources: tuple[str | os.PathLike, ...] = ()
+) -> Path | None:
+    """`checkpoint_to_resume` for every rank of a torchrun job: rank 0 decides (and may clear the directory or
+    remove a dead writer's leftovers) before the other ranks look, so only one process ever changes it."""
+    from lmforge.parallel.env import barrier, is_rank0
+
+    ckpt = checkpoint_to_resume(run_dir, resume, overwrite, sources=sources) if is_rank0() else None
+    barrier()
+    if not is_rank0():
+        ckpt = checkpoint_to_resume(run_dir, resume, False, sources=sources)
+    return ckpt

@@ -19,17 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from lmforge.data.loader import RankShare
 from lmforge.errors import LmforgeError, warn
 from lmforge.model import Transformer
+from lmforge.parallel.dcp import has_sharded, load_sharded
+from lmforge.parallel.env import is_rank0, world_size
+from lmforge.parallel.mesh import ParallelConfig, build_mesh
+from lmforge.parallel.parallelize import parallelize
+from lmforge.parallel.step import dp_coords, loss_context
 from lmforge.progress import Progress
 from lmforge.runtime import autocast, model_device, probe_precision, training_dtype
-from lmforge.train.checkpoints import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from lmforge.train.checkpoints import load_trainer_state, rng_state, save_checkpoint, save_distributed, set_rng_state
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import MetricsLog
 from lmforge.train.objectives import Objective, causal_lm
 from lmforge.train.optim import build_optimizer, lr_multiplier
 from lmforge.train.perf import matmul_peak_flops, training_flops_per_token, tune_allocator
+from lmforge.train.step import forward_backward, optimizer_step
 
 
 @dataclass
@@ -67,19 +75,6 @@ class _StopFlag:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-
-
-def apply_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.layers:
-        forward = block.forward
-
-        def checkpointed(*args: Any, _forward: Callable = forward) -> torch.Tensor:
-            return checkpoint(_forward, *args, use_reentrant=False)
-
-        block.forward = checkpointed  # type: ignore[method-assign]
 
 
 @torch.no_grad()
@@ -158,19 +153,38 @@ def train(
     progress: bool = True,
     extra_state: dict[str, Any] | None = None,
     save_model: Callable[[Transformer, Path], Any] | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> TrainResult:
     """Train `model` in place on `batches` (an iterator with state_dict/load_state_dict for exact resume).
 
     run_dir receives metrics.jsonl and checkpoints/; `resume_from` is a checkpoint whose weights the model
     already holds: the optimizer, data position, RNG and step counters are restored from it.
+
+    Under torchrun (a process group joined with lmforge.parallel.env.init_distributed), `parallel` says how
+    the model is split (lmforge.parallel.parallelize, applied once here, before the optimizer is built) and
+    each data-parallel rank reads its share of every global batch (RankShare); only rank 0 logs and writes.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    parallel = parallel or ParallelConfig()
+    if cfg.activation_checkpointing and parallel.activation_checkpointing == "none":
+        parallel = dataclasses.replace(parallel, activation_checkpointing="full")
+    rank0 = is_rank0()
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
     tune_allocator()
     torch.manual_seed(cfg.seed)
     device = model_device(model)
     cfg = resolve_precision(cfg, device, announce=progress)  # callers usually resolved it already
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     model.train()
+    mesh = build_mesh(parallel, world_size(), device.type) if dist.is_initialized() else None
+    if mesh is None and parallel.parallel != "none":
+        raise LmforgeError(
+            f"--parallel {parallel.parallel} needs several processes: launch with torchrun --nproc-per-node N."
+        )
+    step_model = parallelize(model, parallel, mesh, compile=cfg.compile, dtype=cfg.dtype)
+    dp_index, dp_degree = dp_coords(mesh)
+    if dp_degree > 1:
+        batches = RankShare(batches, dp_index, dp_degree)
     optimizer = build_optimizer(
         model,
         cfg.lr,
@@ -184,21 +198,26 @@ def train(
     start_step, tokens_seen, skipped, elapsed_before = 0, 0, 0, 0.0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        if has_sharded(resume_from):  # written by a sharded run: any decomposition reads it back
+            load_sharded(resume_from, step_model, optimizer)
+        elif mesh is not None:
+            raise LmforgeError(
+                f"{resume_from} was saved by one process; resume it in one process (its optimizer state is not "
+                "sharded), or start the sharded run from its weights without --resume."
+            )
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         if hasattr(batches, "load_state_dict"):
             batches.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         start_step, tokens_seen = state["step"], state["tokens"]
         skipped, elapsed_before = state["skipped_steps"], state["elapsed_s"]
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    step_model = torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
 
     flops_per_token = training_flops_per_token(model.config, cfg.seq_len)
     peak = matmul_peak_flops(autocast_dtype or torch.float32, device=str(device))  # MFU in the dtype used
     # A resumed run's log is cut back to the checkpoint's step: the steps after it are logged again below.
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if resume_from is not None else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if resume_from is not None else None) if rank0 else None
     history: list[dict[str, Any]] = []
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
     warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
@@ -209,7 +228,8 @@ def train(
 
     def log(record: dict[str, Any]) -> None:
         history.append(record)
-        metrics.write(record)
+        if metrics is not None:
+            metrics.write(record)
 
     def checkpoint(at_step: int) -> Path:
         state = {
@@ -217,12 +237,16 @@ def train(
             "tokens": tokens_seen,
             "skipped_steps": skipped,
             "elapsed_s": time.perf_counter() - t_start,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if mesh is None else None,  # sharded runs: in the DCP shards
             "loader": batches.state_dict() if hasattr(batches, "state_dict") else {},
             "rng": rng_state(),
             "train_config": cfg.to_dict(),
             **(extra_state or {}),
         }
+        if mesh is not None:
+            if metrics is not None:
+                metrics.sync()
+            return save_distributed(run_dir, at_step, model, step_model, optimizer, state, tokenizer_dir, cfg.keep_last)
         metrics.sync()  # on disk before the checkpoint that covers these steps is committed
         if save_model is None:
             return save_checkpoint(run_dir, at_step, model, state, tokenizer_dir, cfg.keep_last)
@@ -238,7 +262,7 @@ def train(
         log({"step": at_step, **val})
         evaluated_at = at_step
 
-    bar = Progress(cfg.steps if budget_s is None else None, "train", unit="step", enabled=progress)
+    bar = Progress(cfg.steps if budget_s is None else None, "train", unit="step", enabled=progress and rank0)
     bar.done = start_step
     ckpt_path: Path | None = None
     with _StopFlag() as stop, bar:
@@ -255,27 +279,11 @@ def train(
 
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.grad_accum)]
-            step_tokens = sum(int(b["input_ids"].numel()) for b in micro)
-            outputs_sum, weight_sum = 0.0, 0.0
-            stats: dict[str, float] = {}
-            losses = []
-            for b in micro:
-                with autocast(autocast_dtype, device):
-                    out = objective(step_model, b)
-                losses.append(out)
-                weight_sum += float(out.weight)
-            total_weight = max(weight_sum, 1.0)
-            for out in losses:
-                (out.loss_sum / total_weight).backward()
-                outputs_sum += float(out.loss_sum.detach())
-                for name, value in (out.stats or {}).items():
-                    stats[name] = stats.get(name, 0.0) + float(value) / total_weight
-            del losses
-            loss = outputs_sum / total_weight
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                optimizer.step()
+            with loss_context(parallel):  # loss parallel: the loss and its backward see sharded logits
+                result = forward_backward(step_model, micro, objective, autocast_dtype, device, mesh)
+            loss, stats, step_tokens = result.loss, result.stats, result.tokens * dp_degree
+            grad_norm, stepped = optimizer_step(optimizer, params, cfg.grad_clip, loss)
+            if stepped:
                 bad_in_a_row = 0
                 last_loss = loss
             else:
@@ -286,7 +294,6 @@ def train(
                         f"training diverged: {bad_in_a_row} steps in a row with a non-finite loss or gradient "
                         f"(at step {step}); lower --lr, raise --warmup-steps or train in float32."
                     )
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += step_tokens
             dt = time.perf_counter() - t0
@@ -328,7 +335,8 @@ def train(
             ckpt_path = checkpoint(step)
         else:  # resumed at its end (or out of time): nothing new to evaluate, log or save
             ckpt_path = resume_from
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     return TrainResult(
         steps=step,
         tokens=tokens_seen,

@@ -15,9 +15,11 @@ from lmforge.data.loader import PackedLoader, sequential_batches
 from lmforge.data.shards import TokenShards, has_split
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
+from lmforge.parallel.env import is_rank0
+from lmforge.parallel.mesh import ParallelConfig
 from lmforge.plots import plot_training
 from lmforge.runtime import model_device
-from lmforge.train.checkpoints import checkpoint_to_resume
+from lmforge.train.checkpoints import resume_point
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainResult, check_context, resolve_precision, train
 from lmforge.train.objectives import causal_lm
@@ -85,13 +87,14 @@ def pretrain(
     overwrite: bool = False,
     tokenizer: str | Path | None = None,
     progress: bool = True,
+    parallel: ParallelConfig | None = None,
 ) -> PretrainOutput:
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     shards = TokenShards(data_dir, "train")
     val = TokenShards(data_dir, "val") if has_split(data_dir, "val") else None
     tokenizer_dir = find_tokenizer_dir(data_dir, tokenizer)
 
-    ckpt = checkpoint_to_resume(run_dir, resume, overwrite, sources=(model_spec, data_dir))
+    ckpt = resume_point(run_dir, resume, overwrite, sources=(model_spec, data_dir))
     model = (
         load_pretrained(ckpt, dtype=torch.float32)
         if ckpt is not None
@@ -120,20 +123,17 @@ def pretrain(
 
         has_val = val is not None and val.num_tokens > cfg.seq_len
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(
-        json.dumps(
-            {
-                "model": model_spec,
-                "data": str(data_dir),
-                "tokenizer": str(tokenizer_dir) if tokenizer_dir else None,
-                "train": cfg.to_dict(),
-                "model_config": model.config.to_dict(),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    rank0 = is_rank0()
+    if rank0:  # under torchrun, rank 0 alone writes
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "model": model_spec,
+            "data": str(data_dir),
+            "tokenizer": str(tokenizer_dir) if tokenizer_dir else None,
+            "train": cfg.to_dict(),
+            "model_config": model.config.to_dict(),
+        }
+        (run_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     result = train(
         model,
         loader,
@@ -145,10 +145,14 @@ def pretrain(
         tokenizer_dir=tokenizer_dir,
         resume_from=ckpt,
         progress=progress,
+        parallel=parallel,
     )
     from lmforge.plots import read_metrics
 
-    plot = plot_training(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title=f"pretrain {model_spec}")
+    plot = None
+    if rank0:
+        metrics = read_metrics(run_dir / "metrics.jsonl")
+        plot = plot_training(metrics, run_dir / "loss.png", title=f"pretrain {model_spec}")
     return PretrainOutput(result, run_dir, model, plot)
 
 
