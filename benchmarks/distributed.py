@@ -67,14 +67,14 @@ def worker(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(1)
     params = [p for p in model.parameters() if p.requires_grad]
     times = []
-    for _ in range(args.steps):
+    for step in range(args.steps):
         micro = []
         for _ in range(accum):
             ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1), generator=g)
             micro.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
         t0 = time.perf_counter()
         result = forward_backward(step_model, micro, causal_lm, None, device, mesh)
-        if _ == 0:  # gradients exist now: count them before the optimizer step clears them
+        if step == 0:  # gradients exist now: count them before the optimizer step clears them
             grads = tensor_bytes(p.grad for p in params)
         optimizer_step(optimizer, params, 1.0, result.loss)
         times.append(time.perf_counter() - t0)
