@@ -152,3 +152,54 @@ def test_ddp_with_accumulation_syncs_once_and_stays_exact(tmp_path, data):
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(b) == [1, 2, 3] and all(abs(a[s] - b[s]) < 1e-6 for s in a), (a, b)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> tuple[Path, Path]:
+    import torch
+
+    import lmforge
+    from lmforge import ModelConfig, Transformer
+
+    root = tmp_path_factory.mktemp("chat")
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i}?"},
+                {"role": "assistant", "content": f"The answer to question {i} is {i * 7 % 13}."},
+            ]
+        }
+        for i in range(24)
+    ]
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = [m["content"] for r in rows for m in r["messages"]]
+    tok = Tokenizer.train(texts, 290, "llama3", min_frequency=1)
+    config = ModelConfig.from_preset("tiny-llama").replace(
+        vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tuple(tok.stop_token_ids)
+    )
+    torch.manual_seed(0)
+    lmforge.save_pretrained(Transformer(config), root / "model")
+    tok.save(root / "model")
+    return root / "model", root / "chat.jsonl"
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_finetune_under_ddp_equals_one_process(tmp_path, chat_model, method):
+    model, chats = chat_model
+    base = ["--model", str(model), "--data", str(chats), "--steps", "3", "--batch-size", "2", "--seq-len", "48"]
+    base += ["--eval-every", "0", "--save-every", "0", "--method", method, "--dtype", "float32", "--lr", "1e-3"]
+
+    def finetune(*args, nproc=0):
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+        launcher += ["--master-port", str(free_port())]
+        cmd = [*(launcher if nproc else [sys.executable]), "-m", "lmforge", "finetune", *base, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+
+    one = finetune("--out", str(tmp_path / "one"), "--grad-accum", "2")
+    assert one.returncode == 0, one.stderr
+    two = finetune("--out", str(tmp_path / "two"), "--parallel", "ddp", nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(b) == [1, 2, 3] and all(abs(a[s] - b[s]) < 1e-6 for s in a), (a, b)
+    if method == "lora":  # the adapters alone, as in one process
+        assert (tmp_path / "two" / "checkpoints" / "step-00000003" / "adapter_model.safetensors").is_file()

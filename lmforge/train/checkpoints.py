@@ -288,10 +288,12 @@ def save_distributed(
     trainer_state: dict[str, Any],
     tokenizer_dir: Path | None = None,
     keep_last: int = 2,
+    save_model: Callable[[Transformer, Path], Any] | None = None,
 ) -> Path:
     """A checkpoint of a run split over ranks: every rank writes its shards of the model and optimizer (DCP,
     lmforge.parallel.dcp), rank 0 adds the whole model in HF format (so transformers reads what a sharded
-    run trained), the tokenizer and the trainer state, and commits it all atomically. A collective."""
+    run trained), the tokenizer and the trainer state, and commits it all atomically. A collective.
+    `save_model` (LoRA adapters) writes from rank 0's own replica instead: only DDP runs pass one."""
     from lmforge.parallel.dcp import committing, discard, save_sharded, staging_dir
     from lmforge.parallel.env import barrier, is_rank0
     from lmforge.parallel.export import gather_model
@@ -299,12 +301,13 @@ def save_distributed(
     root = run_dir / "checkpoints"
     staging = staging_dir(root, step)
     save_sharded(staging, step_model, optimizer)
-    plain = gather_model(step_model)  # rank 0: the full weights; elsewhere None
+    plain = gather_model(step_model) if save_model is None else model  # rank 0: the full weights
     if is_rank0():
         assert plain is not None
         state = {k: v for k, v in trainer_state.items() if k != "optimizer"}  # it is in the shards
+        writer = committing(staging, save_model or save_pretrained)
         try:
-            save_checkpoint(run_dir, step, plain, state, tokenizer_dir, keep_last, committing(staging, save_pretrained))
+            save_checkpoint(run_dir, step, plain, state, tokenizer_dir, keep_last, writer)
         finally:
             discard(staging)
     barrier()

@@ -181,6 +181,11 @@ def train(
         raise LmforgeError(
             f"--parallel {parallel.parallel} needs several processes: launch with torchrun --nproc-per-node N."
         )
+    if save_model is not None and mesh is not None and parallel.parallel != "ddp":
+        raise LmforgeError(
+            f"LoRA runs train under --parallel ddp (or in one process); --parallel {parallel.parallel} shards the "
+            "frozen base, which adapter checkpoints do not support yet."
+        )
     step_model = parallelize(model, parallel, mesh, compile=cfg.compile, dtype=cfg.dtype)
     dp_index, dp_degree = dp_coords(mesh)
     if dp_degree > 1:
@@ -246,7 +251,9 @@ def train(
         if mesh is not None:
             if metrics is not None:
                 metrics.sync()
-            return save_distributed(run_dir, at_step, model, step_model, optimizer, state, tokenizer_dir, cfg.keep_last)
+            return save_distributed(
+                run_dir, at_step, model, step_model, optimizer, state, tokenizer_dir, cfg.keep_last, save_model
+            )
         metrics.sync()  # on disk before the checkpoint that covers these steps is committed
         if save_model is None:
             return save_checkpoint(run_dir, at_step, model, state, tokenizer_dir, cfg.keep_last)
