@@ -203,3 +203,17 @@ def test_finetune_under_ddp_equals_one_process(tmp_path, chat_model, method):
     assert sorted(b) == [1, 2, 3] and all(abs(a[s] - b[s]) < 1e-6 for s in a), (a, b)
     if method == "lora":  # the adapters alone, as in one process
         assert (tmp_path / "two" / "checkpoints" / "step-00000003" / "adapter_model.safetensors").is_file()
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks_on_the_same_curve(tmp_path, data):
+    d, config = data
+    base = ["--model", str(config), "--data", str(d), *STEPS, "--schedule", "constant"]
+    whole = pretrain(*base, "--out", str(tmp_path / "whole"), "--grad-accum", "2", "--steps", "6")
+    assert whole.returncode == 0, whole.stderr
+    first = pretrain(*base, "--out", str(tmp_path / "split"), "--grad-accum", "2")
+    assert first.returncode == 0, first.stderr
+    rest = pretrain(*base, "--out", str(tmp_path / "split"), "--steps", "6", "--resume", "--parallel", "fsdp", nproc=2)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)

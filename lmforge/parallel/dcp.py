@@ -191,3 +191,29 @@ def _first_failure(e: CheckpointException) -> str:
         if text:
             return text.splitlines()[0].rstrip(".")
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_plain_optimizer(model: nn.Module, optimizer: Optimizer, plain_state: dict[str, Any]) -> None:
+    """Load a single process's `optimizer.state_dict()` (parameters keyed by their index in the param
+    groups) into the optimizer of the parallelized `model`, on every rank: a one-process run resumed under
+    torchrun. The optimizer must be built as in the plain run (same groups, same order), so index i is the
+    i-th parameter of the groups here; its full state is given by name and each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    saved_groups = plain_state["param_groups"]
+    if sum(len(g["params"]) for g in saved_groups) != len(order):
+        raise LmforgeError(
+            f"the checkpoint's optimizer holds {sum(len(g['params']) for g in saved_groups)} parameters and this "
+            f"run's {len(order)}; resume with the run's own model and optimizer settings."
+        )
+    index = {i: order[k] for k, i in enumerate(i for g in saved_groups for i in g["params"])}
+    state = {index[i]: value for i, value in plain_state["state"].items()}
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [index[i] for i in g["params"]]}
+        for g in saved_groups
+    ]
+    set_optimizer_state_dict(
+        model, optimizer, {"state": state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True)
+    )

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from lmforge.data.loader import RankShare
 from lmforge.errors import LmforgeError, warn
 from lmforge.model import Transformer
-from lmforge.parallel.dcp import has_sharded, load_sharded
+from lmforge.parallel.dcp import has_sharded, load_plain_optimizer, load_sharded
 from lmforge.parallel.env import is_rank0, world_size
 from lmforge.parallel.mesh import ParallelConfig, build_mesh
 from lmforge.parallel.parallelize import parallelize
@@ -205,11 +205,8 @@ def train(
         state = load_trainer_state(resume_from)
         if has_sharded(resume_from):  # written by a sharded run: any decomposition reads it back
             load_sharded(resume_from, step_model, optimizer)
-        elif mesh is not None:
-            raise LmforgeError(
-                f"{resume_from} was saved by one process; resume it in one process (its optimizer state is not "
-                "sharded), or start the sharded run from its weights without --resume."
-            )
+        elif mesh is not None:  # a one-process checkpoint resumed under torchrun
+            load_plain_optimizer(model, optimizer, state["optimizer"])
         else:
             optimizer.load_state_dict(state["optimizer"])
         if hasattr(batches, "load_state_dict"):
