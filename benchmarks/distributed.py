@@ -37,9 +37,9 @@ def tensor_bytes(tensors) -> int:
 
 def worker(args: argparse.Namespace) -> None:
     from lmforge import ModelConfig, Transformer
-    from lmforge.parallel.env import init_distributed, is_rank0, world_size
     from lmforge.parallel.mesh import ParallelConfig, build_mesh
     from lmforge.parallel.parallelize import parallelize
+    from lmforge.runtime import init_distributed, is_rank0, world_size
     from lmforge.train.objectives import causal_lm
     from lmforge.train.optim import build_optimizer
     from lmforge.train.step import forward_backward, optimizer_step

@@ -59,9 +59,9 @@ def check_engine() -> str:
 def check_nccl() -> str:
     import torch.distributed as dist
 
-    from lmforge.parallel.env import init_distributed, world_size
     from lmforge.parallel.mesh import ParallelConfig, build_mesh
     from lmforge.parallel.parallelize import parallelize
+    from lmforge.runtime import init_distributed, world_size
 
     if world_size() == 1 and "RANK" not in __import__("os").environ:
         return "skipped (run under torchrun for NCCL)"

@@ -35,9 +35,9 @@ from lmforge.checkpoint import save_pretrained
 from lmforge.data.loader import RankShare
 from lmforge.parallel import ParallelConfig, build_mesh, parallelize
 from lmforge.parallel.dcp import committing, discard, load_sharded, save_sharded, staging_dir
-from lmforge.parallel.env import barrier, destroy, init_distributed, is_rank0, world_size
 from lmforge.parallel.export import full_state_dict, gather_model
 from lmforge.parallel.step import dp_coords, grad_sync
+from lmforge.runtime import barrier, destroy, init_distributed, is_rank0, world_size
 from lmforge.train.checkpoints import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint
 from lmforge.train.objectives import causal_lm
 from lmforge.train.optim import build_optimizer

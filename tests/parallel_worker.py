@@ -23,10 +23,10 @@ from torch.distributed.tensor import DTensor
 from lmforge import ModelConfig, Transformer
 from lmforge.errors import LmforgeError
 from lmforge.parallel import ParallelConfig, build_mesh, parallelize
-from lmforge.parallel.env import destroy, init_distributed, is_rank0, world_size
 from lmforge.parallel.export import gather_model
 from lmforge.parallel.step import dp_coords, grad_sync, loss_context, normalize_grads
 from lmforge.parallel.tp import apply_tp
+from lmforge.runtime import destroy, init_distributed, is_rank0, world_size
 from lmforge.train.objectives import IGNORE_INDEX, causal_lm
 from lmforge.train.optim import build_optimizer
 

@@ -217,3 +217,34 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks_on_the_same_curve(tmp_pat
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
+
+
+def test_dpo_and_distill_under_ddp_equal_one_process(tmp_path, chat_model, data):
+    model, _ = chat_model
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"q{i}?", "chosen": f"yes {i}", "rejected": f"no {i % 3}"} for i in range(16)]
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(command, args, out, nproc=0):
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+        launcher += ["--master-port", str(free_port())]
+        cmd = [*(launcher if nproc else [sys.executable]), "-m", "lmforge", command, *args, "--out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return losses(out)
+
+    common = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--save-every", "0"]
+    common += ["--dtype", "float32", "--lr", "1e-3"]
+    dpo = ["--model", str(model), "--data", str(prefs), "--val-fraction", "0", *common]
+    one = run("dpo", [*dpo, "--grad-accum", "2"], tmp_path / "dpo1")
+    two = run("dpo", [*dpo, "--parallel", "ddp"], tmp_path / "dpo2", nproc=2)
+    assert sorted(two) == [1, 2, 3] and all(abs(one[s] - two[s]) < 1e-6 for s in one), (one, two)
+    d, config = data
+    teacher = tmp_path / "teacher"
+    trained = pretrain("--model", str(config), "--data", str(d), *STEPS, "--steps", "2", "--out", str(teacher))
+    assert trained.returncode == 0, trained.stderr
+    distill = ["--teacher", str(teacher / "checkpoints" / "step-00000002"), "--student", str(config)]
+    distill += ["--data", str(d), *common]
+    one = run("distill", [*distill, "--grad-accum", "2"], tmp_path / "kd1")
+    two = run("distill", [*distill, "--parallel", "fsdp"], tmp_path / "kd2", nproc=2)
+    assert sorted(two) == [1, 2, 3] and all(abs(one[s] - two[s]) < 1e-6 for s in one), (one, two)

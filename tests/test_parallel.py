@@ -21,10 +21,10 @@ from lmforge import ModelConfig, Transformer
 from lmforge.errors import LmforgeError
 from lmforge.parallel import ParallelConfig, build_mesh, parallelize
 from lmforge.parallel.checkpointing import apply_activation_checkpointing, apply_checkpointing, checkpointed_blocks
-from lmforge.parallel.env import backend_for, is_rank0, local_rank, rank, world_size
 from lmforge.parallel.mesh import check_world
 from lmforge.parallel.step import dp_coords, grad_sync, loss_context, normalize_grads
 from lmforge.parallel.tp import check_tp
+from lmforge.runtime import backend_for, is_rank0, local_rank, rank, world_size
 from lmforge.train.objectives import causal_lm
 
 WORKER = Path(__file__).with_name("parallel_worker.py")

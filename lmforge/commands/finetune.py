@@ -18,7 +18,7 @@ from lmforge.commands.train import (
 from lmforge.errors import LmforgeError
 from lmforge.finetune.config import DistillConfig, DPOConfig, SFTConfig
 from lmforge.finetune.lora import LoraConfig
-from lmforge.parallel.env import is_rank0
+from lmforge.runtime import is_rank0
 from lmforge.train.config import TrainConfig
 
 _MODEL_HELP = "checkpoint directory (or run directory) to start from"

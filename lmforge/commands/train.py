@@ -7,7 +7,7 @@ import contextlib
 
 from lmforge.cli import command
 from lmforge.commands.flags import Options, add_options
-from lmforge.parallel.env import is_rank0
+from lmforge.runtime import is_rank0
 from lmforge.train.config import TrainConfig
 
 
@@ -65,8 +65,8 @@ def add_parallel_options(p: argparse.ArgumentParser) -> None:
 
 def start_distributed(o: Options):
     """The run's ParallelConfig, having joined torchrun's process group when there is one."""
-    from lmforge.parallel.env import init_distributed
     from lmforge.parallel.mesh import ParallelConfig
+    from lmforge.runtime import init_distributed
 
     parallel = o.build(ParallelConfig)
     init_distributed()
@@ -76,7 +76,7 @@ def start_distributed(o: Options):
 @contextlib.contextmanager
 def distributed_run():
     """Leave torchrun's process group when the command is done (or failed), so every rank exits cleanly."""
-    from lmforge.parallel.env import destroy
+    from lmforge.runtime import destroy
 
     try:
         yield

@@ -20,10 +20,9 @@ from lmforge.data.shards import TokenShards, has_split
 from lmforge.errors import LmforgeError
 from lmforge.finetune.config import DistillConfig
 from lmforge.model import Transformer
-from lmforge.parallel.env import is_rank0
 from lmforge.parallel.mesh import ParallelConfig
 from lmforge.plots import plot_training, read_metrics
-from lmforge.runtime import model_device
+from lmforge.runtime import is_rank0, model_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoints import resolve_model_dir, resume_point
 from lmforge.train.config import TrainConfig

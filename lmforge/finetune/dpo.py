@@ -31,10 +31,9 @@ from lmforge.finetune.sft_data import Example, render
 from lmforge.jsonl import read_jsonl
 from lmforge.model import Transformer
 from lmforge.options import to_mapping
-from lmforge.parallel.env import is_rank0
 from lmforge.parallel.mesh import ParallelConfig
 from lmforge.plots import plot_training, read_metrics
-from lmforge.runtime import model_device
+from lmforge.runtime import is_rank0, model_device
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainResult, check_context, resolve_precision, train
 from lmforge.train.objectives import IGNORE_INDEX, LossOutput

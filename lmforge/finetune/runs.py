@@ -14,7 +14,7 @@ from lmforge.checkpoint import load_pretrained, save_pretrained
 from lmforge.errors import LmforgeError
 from lmforge.finetune.config import METHODS
 from lmforge.model import Transformer
-from lmforge.parallel.env import is_rank0
+from lmforge.runtime import is_rank0
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoints import resolve_model_dir, resume_point
 

@@ -11,10 +11,9 @@ from lmforge.finetune.lora import LoraConfig
 from lmforge.finetune.runs import Start, checkpoint_writer, record_run, start_run
 from lmforge.finetune.sft_data import SFTLoader, SFTReport, eval_batches, read_conversations, tokenize_conversations
 from lmforge.options import to_mapping
-from lmforge.parallel.env import is_rank0
 from lmforge.parallel.mesh import ParallelConfig
 from lmforge.plots import plot_training, read_metrics
-from lmforge.runtime import model_device
+from lmforge.runtime import is_rank0, model_device
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainResult, check_context, resolve_precision, train
 

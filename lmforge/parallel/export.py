@@ -7,7 +7,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from lmforge.model import Transformer
-from lmforge.parallel.env import is_rank0
+from lmforge.runtime import is_rank0
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

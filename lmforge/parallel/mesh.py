@@ -107,7 +107,7 @@ def build_mesh(config: ParallelConfig, world_size: int, device_type: str) -> Dev
     """The DeviceMesh of `config` over `world_size` ranks on `device_type` ("cpu" or "cuda"), or None when
     there is nothing to split: strategy none, or a single process without a process group (DDP, FSDP or TP
     of one rank is the plain model). Dimension names are "dp" and "tp", so `mesh["dp"]` and `mesh["tp"]`
-    are the sub-meshes the passes use. Needs the process group (lmforge.parallel.env.init_distributed).
+    are the sub-meshes the passes use. Needs the process group (lmforge.runtime.init_distributed).
     """
     check_world(config, world_size)
     if config.parallel == "none":
@@ -117,7 +117,7 @@ def build_mesh(config: ParallelConfig, world_size: int, device_type: str) -> Dev
             return None
         raise LmforgeError(
             f"strategy {config.parallel} over {world_size} processes needs the process group: launch with "
-            "torchrun and call lmforge.parallel.env.init_distributed() first."
+            "torchrun and call lmforge.runtime.init_distributed() first."
         )
     if dist.get_world_size() != world_size:
         raise LmforgeError(f"the process group has {dist.get_world_size()} ranks, not the {world_size} asked for.")

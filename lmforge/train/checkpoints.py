@@ -295,8 +295,8 @@ def save_distributed(
     run trained), the tokenizer and the trainer state, and commits it all atomically. A collective.
     `save_model` (LoRA adapters) writes from rank 0's own replica instead: only DDP runs pass one."""
     from lmforge.parallel.dcp import committing, discard, save_sharded, staging_dir
-    from lmforge.parallel.env import barrier, is_rank0
     from lmforge.parallel.export import gather_model
+    from lmforge.runtime import barrier, is_rank0
 
     root = run_dir / "checkpoints"
     staging = staging_dir(root, step)
@@ -319,7 +319,7 @@ def resume_point(
 ) -> Path | None:
     """`checkpoint_to_resume` for every rank of a torchrun job: rank 0 decides (and may clear the directory or
     remove a dead writer's leftovers) before the other ranks look, so only one process ever changes it."""
-    from lmforge.parallel.env import barrier, is_rank0
+    from lmforge.runtime import barrier, is_rank0
 
     ckpt = checkpoint_to_resume(run_dir, resume, overwrite, sources=sources) if is_rank0() else None
     barrier()

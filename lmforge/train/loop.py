@@ -25,12 +25,11 @@ from lmforge.data.loader import RankShare
 from lmforge.errors import LmforgeError, warn
 from lmforge.model import Transformer
 from lmforge.parallel.dcp import has_sharded, load_plain_optimizer, load_sharded
-from lmforge.parallel.env import is_rank0, world_size
 from lmforge.parallel.mesh import ParallelConfig, build_mesh
 from lmforge.parallel.parallelize import parallelize
 from lmforge.parallel.step import dp_coords, loss_context
 from lmforge.progress import Progress
-from lmforge.runtime import autocast, model_device, probe_precision, training_dtype
+from lmforge.runtime import autocast, is_rank0, model_device, probe_precision, training_dtype, world_size
 from lmforge.train.checkpoints import load_trainer_state, rng_state, save_checkpoint, save_distributed, set_rng_state
 from lmforge.train.config import TrainConfig
 from lmforge.train.metrics import MetricsLog
@@ -160,7 +159,7 @@ def train(
     run_dir receives metrics.jsonl and checkpoints/; `resume_from` is a checkpoint whose weights the model
     already holds: the optimizer, data position, RNG and step counters are restored from it.
 
-    Under torchrun (a process group joined with lmforge.parallel.env.init_distributed), `parallel` says how
+    Under torchrun (a process group joined with lmforge.runtime.init_distributed), `parallel` says how
     the model is split (lmforge.parallel.parallelize, applied once here, before the optimizer is built) and
     each data-parallel rank reads its share of every global batch (RankShare); only rank 0 logs and writes.
     """

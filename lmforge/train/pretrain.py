@@ -15,10 +15,9 @@ from lmforge.data.loader import PackedLoader, sequential_batches
 from lmforge.data.shards import TokenShards, has_split
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
-from lmforge.parallel.env import is_rank0
 from lmforge.parallel.mesh import ParallelConfig
 from lmforge.plots import plot_training
-from lmforge.runtime import model_device
+from lmforge.runtime import is_rank0, model_device
 from lmforge.train.checkpoints import resume_point
 from lmforge.train.config import TrainConfig
 from lmforge.train.loop import TrainResult, check_context, resolve_precision, train
