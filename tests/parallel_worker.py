@@ -86,7 +86,7 @@ def fsdp() -> dict[str, Any]:
     r, n = dist.get_rank(), world_size()
     data = batch(2 * n, 16, config.vocab_size)
     for name, offload in (("fsdp", False), ("fsdp_offload", True)):
-        pc = ParallelConfig(parallel="fsdp", activation_checkpointing="full", fsdp_cpu_offload=offload)
+        pc = ParallelConfig(parallel="fsdp", checkpointing="full", fsdp_cpu_offload=offload)
         model, ref = twins(config)
         step_model = parallelize(model, pc, build_mesh(pc, n, "cpu"), compile=False, dtype="float32")
         mean_loss(step_model, rows(data, r, n)).backward()
@@ -133,7 +133,7 @@ def tp() -> dict[str, Any]:
         "glm4_sp": (ModelConfig.from_preset("tiny-glm4"), True, False, "full"),
     }
     for name, (config, sp, lp, ac) in cases.items():
-        pc = ParallelConfig(parallel="tp", sequence_parallel=sp, loss_parallel=lp, activation_checkpointing=ac)
+        pc = ParallelConfig(parallel="tp", sequence_parallel=sp, loss_parallel=lp, checkpointing=ac)
         model, ref = twins(config)
         step_model = parallelize(model, pc, build_mesh(pc, n, "cpu"), compile=False, dtype="float32")
         data = batch(2, 16, config.vocab_size)
@@ -167,7 +167,7 @@ def mesh2d() -> dict[str, Any]:
     """fsdp+tp on a dp2 x tp2 mesh: a few AdamW steps whose losses follow the single-process run on the
     same global batch."""
     config = ModelConfig.from_preset("tiny-llama")
-    pc = ParallelConfig(parallel="fsdp+tp", tp=2, loss_parallel=True, activation_checkpointing="selective")
+    pc = ParallelConfig(parallel="fsdp+tp", tp=2, loss_parallel=True, checkpointing="selective")
     mesh = build_mesh(pc, world_size(), "cpu")
     assert mesh is not None
     model, ref = twins(config)
@@ -218,7 +218,7 @@ def ddp() -> dict[str, Any]:
     micro-batches (no_sync on the first) whose ranks hold different numbers of labelled tokens, normalized
     by normalize_grads into the exact global token mean."""
     config = ModelConfig.from_preset("tiny-llama")
-    pc = ParallelConfig(parallel="ddp", activation_checkpointing="full")
+    pc = ParallelConfig(parallel="ddp", checkpointing="full")
     mesh = build_mesh(pc, world_size(), "cpu")
     model, ref = twins(config)
     step_model = parallelize(model, pc, mesh, compile=False, dtype="float32")

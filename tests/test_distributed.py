@@ -5,6 +5,7 @@ checkpoint written by 2 ranks resumes in 1 process on the same loss curve; two "
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -107,6 +108,23 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_with_accumulation(tmp_path,
     # The sharded run's checkpoint holds an HF export transformers can read, and its shards.
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step-00000004"
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "dcp" / ".metadata").is_file()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lmforge
+
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    ours = lmforge.load_pretrained(ckpt)(ids)
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(ckpt).eval()(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # Every strategy also trains with bf16 autocast over fp32 weights and activation checkpointing.
+    for strategy in ("ddp", "fsdp", "tp"):
+        run = tmp_path / f"{strategy}-bf16"
+        extra = ("--dtype", "bfloat16", "--activation-checkpointing", "--steps", "2")
+        done = pretrain(*base, *extra, "--out", str(run), "--parallel", strategy, nproc=2)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert sorted(losses(run)) == [1, 2] and all(math.isfinite(v) for v in losses(run).values())
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process_on_the_same_curve(tmp_path, data):

@@ -58,9 +58,7 @@ def add_parallel_options(p: argparse.ArgumentParser) -> None:
     Activation checkpointing stays TrainConfig's flag (selective checkpointing is the library's)."""
     from lmforge.parallel.mesh import ParallelConfig
 
-    add_options(
-        p, ParallelConfig, exclude=("activation_checkpointing", "checkpoint_every"), title="parallelism (torchrun)"
-    )
+    add_options(p, ParallelConfig, exclude=("checkpointing", "checkpoint_every"), title="parallelism (torchrun)")
 
 
 def start_distributed(o: Options):

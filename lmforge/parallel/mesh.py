@@ -37,7 +37,7 @@ class ParallelConfig:
         False, "with tp: keep the logits sharded over the vocabulary; the loss must run under loss_parallel()"
     )
     fsdp_cpu_offload: bool = option(False, "with fsdp: keep parameters, gradients and optimizer state in CPU memory")
-    activation_checkpointing: str = option(
+    checkpointing: str = option(
         "none",
         "recompute activations in the backward pass: none, full (every block) or selective",
         choices=CHECKPOINTING,

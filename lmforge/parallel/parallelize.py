@@ -71,7 +71,7 @@ def parallelize(
             sequence_parallel=config.sequence_parallel,
             loss_parallel=config.loss_parallel,
         )
-    apply_checkpointing(model, config.activation_checkpointing, config.checkpoint_every)
+    apply_checkpointing(model, config.checkpointing, config.checkpoint_every)
     if compile:
         apply_compile(model)
     out: nn.Module = model

@@ -164,8 +164,8 @@ def train(
     each data-parallel rank reads its share of every global batch (RankShare); only rank 0 logs and writes.
     """
     parallel = parallel or ParallelConfig()
-    if cfg.activation_checkpointing and parallel.activation_checkpointing == "none":
-        parallel = dataclasses.replace(parallel, activation_checkpointing="full")
+    if cfg.activation_checkpointing and parallel.checkpointing == "none":
+        parallel = dataclasses.replace(parallel, checkpointing="full")
     rank0 = is_rank0()
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
