@@ -58,28 +58,15 @@ def parse_config(spec: str, base: dict) -> tuple[str, dict]:
     return name, cfg
 
 
-PLAN_KEYS = (
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "intermediate_size",
-    "seq_len",
-    "batch_size",
-    "lr",
-    "optimizer",
-)
-
-
 def base_config(dtype: str, flops: float, minutes: float) -> dict:
     """What the quickstart would run with this matmul peak and budget: the plan and its training knobs."""
-    from lmforge.quickstart import train_config
+    from lmforge.quickstart import PLAN_OVERRIDES, train_config
     from lmforge.train.sizing import plan_quickstart
 
     plan = plan_quickstart(flops, minutes, dtype)
     cfg = train_config(plan, dtype)
     return {
-        **{k: getattr(plan, k) for k in PLAN_KEYS},
+        **{k: getattr(plan, k) for k in PLAN_OVERRIDES},
         "vocab_size": 4096,
         "warmup_steps": plan.warmup_steps,
         **{k: getattr(cfg, k) for k in TRAIN_KEYS if k not in ("vocab_size", "warmup_steps")},
@@ -109,11 +96,11 @@ def data_dir(work: Path, vocab: int) -> Path:
 
 
 def model_and_train_config(cfg: dict, data: Path, dtype: str, steps: int):
-    from lmforge.quickstart import model_config, train_config
+    from lmforge.quickstart import PLAN_OVERRIDES, model_config, train_config
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.sizing import QuickstartPlan
 
-    plan = QuickstartPlan(**{k: cfg[k] for k in PLAN_KEYS}, warmup_steps=cfg["warmup_steps"])
+    plan = QuickstartPlan(**{k: cfg[k] for k in PLAN_OVERRIDES}, warmup_steps=cfg["warmup_steps"])
     tok = Tokenizer.from_pretrained(data / "tokenizer")
     model_cfg = model_config(plan, tok)
     train_cfg = train_config(plan, dtype, seed=cfg["seed"], minutes=None, steps=steps)

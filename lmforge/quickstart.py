@@ -61,7 +61,7 @@ XZ_CONTEXT_BYTES = 8_000_000  # xz -9e's 64 MiB dictionary sees all of it
 _XZ = dict(preset=9 | lzma.PRESET_EXTREME)
 OPTIMIZER_CHOICES = ("auto", "adamw", "muon")
 # Fields of QuickstartOptions that override the plan when set (0 / "auto": the plan's value).
-_PLAN_OVERRIDES = (
+PLAN_OVERRIDES = (
     "hidden_size",
     "num_layers",
     "num_heads",
@@ -148,7 +148,7 @@ def stdlib_files(max_bytes: float) -> list[Path]:
 def compression_bpb(text: bytes) -> tuple[float, float]:
     """Bits per byte of gzip -9 and xz -9e on `text`."""
     n = len(text)
-    return len(gzip.compress(text, 9)) * 8 / n, len(lzma.compress(text, preset=9 | lzma.PRESET_EXTREME)) * 8 / n
+    return len(gzip.compress(text, 9)) * 8 / n, xz_size(text) * 8 / n
 
 
 def xz_size(data: bytes) -> int:
@@ -364,7 +364,7 @@ def check_options(opts: QuickstartOptions) -> None:
         raise LmforgeError(f"--minutes must be positive, got {opts.minutes}.")
     if opts.optimizer not in OPTIMIZER_CHOICES:
         raise LmforgeError(f"--optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, got {opts.optimizer!r}.")
-    negative = [n for n in (*_PLAN_OVERRIDES, "vocab_size", "steps") if n != "optimizer" and getattr(opts, n) < 0]
+    negative = [n for n in (*PLAN_OVERRIDES, "vocab_size", "steps") if n != "optimizer" and getattr(opts, n) < 0]
     if negative:
         raise LmforgeError(f"--{negative[0].replace('_', '-')} must be positive, or 0 for the plan's value.")
 
@@ -403,7 +403,7 @@ def plan_for(
             return known[rung]
 
         plan = plan_from_rates(rate, opts.minutes, opts.vocab_size)
-    given = {n: getattr(opts, n) for n in _PLAN_OVERRIDES if getattr(opts, n) not in (0, 0.0, "auto")}
+    given = {n: getattr(opts, n) for n in PLAN_OVERRIDES if getattr(opts, n) not in (0, 0.0, "auto")}
     return dataclasses.replace(plan, **given) if given else plan
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_train import corpus_texts
 
 from lmforge.tokenizer import Tokenizer
 
@@ -37,25 +38,7 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     from lmforge.data import prepare
 
     root = tmp_path_factory.mktemp("dist")
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "while",
-        "a",
-        "dog",
-        "ran",
-        "to",
-        "the",
-        "door",
-        "and",
-        "back",
-        "again",
-    ]
-    texts = [" ".join(words[(i + j) % len(words)] for j in range(40 + i % 7)) + "." for i in range(60)]
+    texts = corpus_texts()  # the training tests' corpus
     for i, t in enumerate(texts):
         (root / f"d{i:02d}.txt").write_text(t)
     tok = Tokenizer.train(texts, 300, "llama3", min_frequency=1)
