@@ -219,7 +219,8 @@ def test_stop_ends_the_reply_and_frees_the_engine(server, chat):
     page.click("#stop")
     chat.wait_done()
     assert page.is_disabled("#stop") and page.is_enabled("#send")
-    stopped = chat.last_reply_length()
+    stopped = chat.last_reply_length()  # in UTF-16 units, as the page counts; Python counts code points
+    stopped_text = chat.replies()[-1]
     assert "stopped" in page.text_content("#rate") and page.locator(".message.assistant .note").text_content() == (
         "stopped"
     )
@@ -236,7 +237,7 @@ def test_stop_ends_the_reply_and_frees_the_engine(server, chat):
     page.press("#input", "Enter")
     chat.wait_done()
     shown = chat.replies()[0]
-    assert len(shown) == stopped
+    assert shown == stopped_text
     assert chat.sent[-1]["body"]["messages"][-2:] == [
         {"role": "assistant", "content": shown},
         {"role": "user", "content": "Short, please."},
