@@ -1,7 +1,7 @@
 """Model configuration: one frozen, validated dataclass for Llama 3, Qwen 2.5 and GLM-4.
 
 The three families are the same decoder up to the handful of fields below (see REFERENCE.md section 1).
-`family` only decides how a checkpoint is named on disk (checkpoint.py); the model never branches on it.
+`family` only decides how a checkpoint is named on disk (lmforge/checkpoint/); the model never branches on it.
 HuggingFace `config.json` dicts are converted by hf_config.py; reading them from disk is the checkpoint
 side's job (`lmforge.checkpoint.config_from_spec`): this module does no file I/O.
 """

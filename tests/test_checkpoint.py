@@ -12,7 +12,7 @@ from conftest import hf_logits, load_hf, make_hf_model, max_diff, our_logits, ra
 from safetensors.torch import load_file
 
 import lmforge
-import lmforge.checkpoint
+import lmforge.checkpoint.hf
 from lmforge import ModelConfig, RopeScaling, Transformer
 
 FP32_ATOL = 1e-5
@@ -354,8 +354,8 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 
 
 def _crashing_writer(monkeypatch, crash_on_call: int, exc: BaseException):
-    """Make lmforge.checkpoint.write_safetensors write half of a file and then raise, on call n."""
-    real = lmforge.checkpoint.write_safetensors
+    """Make lmforge.checkpoint.hf.write_safetensors write half of a file and then raise, on call n."""
+    real = lmforge.checkpoint.hf.write_safetensors
     calls = {"n": 0}
 
     def writer(file, tensors, metadata=None):
@@ -367,7 +367,7 @@ def _crashing_writer(monkeypatch, crash_on_call: int, exc: BaseException):
             raise exc
         return real(file, tensors, metadata)
 
-    monkeypatch.setattr(lmforge.checkpoint, "write_safetensors", writer)
+    monkeypatch.setattr(lmforge.checkpoint.hf, "write_safetensors", writer)
     return calls
 
 
