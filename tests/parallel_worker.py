@@ -86,9 +86,10 @@ def fsdp() -> dict[str, Any]:
     r, n = dist.get_rank(), world_size()
     data = batch(2 * n, 16, config.vocab_size)
     for name, offload in (("fsdp", False), ("fsdp_offload", True)):
-        pc = ParallelConfig(parallel="fsdp", checkpointing="full", fsdp_cpu_offload=offload)
+        pc = ParallelConfig(parallel="fsdp", fsdp_cpu_offload=offload)
         model, ref = twins(config)
-        step_model = parallelize(model, pc, build_mesh(pc, n, "cpu"), compile=False, dtype="float32")
+        mesh = build_mesh(pc, n, "cpu")
+        step_model = parallelize(model, pc, mesh, compile=False, dtype="float32", checkpointing="full")
         mean_loss(step_model, rows(data, r, n)).backward()
         for k in range(n):  # the mean over ranks of each rank's own mean-loss gradient
             (mean_loss(ref, rows(data, k, n)) / n).backward()
@@ -133,9 +134,10 @@ def tp() -> dict[str, Any]:
         "glm4_sp": (ModelConfig.from_preset("tiny-glm4"), True, False, "full"),
     }
     for name, (config, sp, lp, ac) in cases.items():
-        pc = ParallelConfig(parallel="tp", sequence_parallel=sp, loss_parallel=lp, checkpointing=ac)
+        pc = ParallelConfig(parallel="tp", sequence_parallel=sp, loss_parallel=lp)
         model, ref = twins(config)
-        step_model = parallelize(model, pc, build_mesh(pc, n, "cpu"), compile=False, dtype="float32")
+        mesh = build_mesh(pc, n, "cpu")
+        step_model = parallelize(model, pc, mesh, compile=False, dtype="float32", checkpointing=ac)
         data = batch(2, 16, config.vocab_size)
         with loss_context(pc):
             logits = step_model(data["input_ids"])
@@ -167,11 +169,11 @@ def mesh2d() -> dict[str, Any]:
     """fsdp+tp on a dp2 x tp2 mesh: a few AdamW steps whose losses follow the single-process run on the
     same global batch."""
     config = ModelConfig.from_preset("tiny-llama")
-    pc = ParallelConfig(parallel="fsdp+tp", tp=2, loss_parallel=True, checkpointing="selective")
+    pc = ParallelConfig(parallel="fsdp+tp", tp=2, loss_parallel=True)
     mesh = build_mesh(pc, world_size(), "cpu")
     assert mesh is not None
     model, ref = twins(config)
-    step_model = parallelize(model, pc, mesh, compile=False, dtype="float32")
+    step_model = parallelize(model, pc, mesh, compile=False, dtype="float32", checkpointing="selective")
     opt, ref_opt = build_optimizer(model, 1e-2, eps=1e-6), build_optimizer(ref, 1e-2, eps=1e-6)  # eps: see tp()
     index, count = dp_coords(mesh)
     data = batch(4, 16, config.vocab_size)
@@ -218,10 +220,10 @@ def ddp() -> dict[str, Any]:
     micro-batches (no_sync on the first) whose ranks hold different numbers of labelled tokens, normalized
     by normalize_grads into the exact global token mean."""
     config = ModelConfig.from_preset("tiny-llama")
-    pc = ParallelConfig(parallel="ddp", checkpointing="full")
+    pc = ParallelConfig(parallel="ddp")
     mesh = build_mesh(pc, world_size(), "cpu")
     model, ref = twins(config)
-    step_model = parallelize(model, pc, mesh, compile=False, dtype="float32")
+    step_model = parallelize(model, pc, mesh, compile=False, dtype="float32", checkpointing="full")
     opt, ref_opt = build_optimizer(model, LR), build_optimizer(ref, LR)
     index, count = dp_coords(mesh)
     out: dict[str, Any] = {"wrapper": type(step_model).__name__}

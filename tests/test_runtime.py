@@ -116,8 +116,7 @@ def test_training_records_and_prints_the_resolved_dtype(tmp_path, fake_rates, ca
     from lmforge.cli import main
     from lmforge.data import prepare
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.config import TrainConfig
-    from lmforge.train.loop import resolve_precision
+    from lmforge.train.config import TrainConfig, resolve_precision
 
     fake_rates(83e9, 0.8e9)
     assert resolve_precision(TrainConfig()).dtype == "float32"

@@ -55,10 +55,10 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
 
 def add_parallel_options(p: argparse.ArgumentParser) -> None:
     """--parallel ddp|fsdp|tp|fsdp+tp and its settings (lmforge.parallel.mesh.ParallelConfig), under torchrun.
-    Activation checkpointing stays TrainConfig's flag (selective checkpointing is the library's)."""
+    Activation checkpointing is a training option (TrainConfig): it applies in one process too."""
     from lmforge.parallel.mesh import ParallelConfig
 
-    add_options(p, ParallelConfig, exclude=("checkpointing", "checkpoint_every"), title="parallelism (torchrun)")
+    add_options(p, ParallelConfig, title="parallelism (torchrun)")
 
 
 def start_distributed(o: Options):

@@ -25,8 +25,8 @@ from lmforge.plots import plot_training, read_metrics
 from lmforge.runtime import is_rank0, model_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoints import resolve_model_dir, resume_point
-from lmforge.train.config import TrainConfig
-from lmforge.train.loop import TrainResult, check_context, resolve_precision, train
+from lmforge.train.config import TrainConfig, check_context, resolve_precision
+from lmforge.train.loop import TrainResult, train
 from lmforge.train.objectives import IGNORE_INDEX, LossOutput, token_cross_entropy
 from lmforge.train.pretrain import build_model
 

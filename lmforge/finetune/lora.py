@@ -172,6 +172,12 @@ class LoraLinear(nn.Linear):
     def r(self) -> int:
         return self.lora_A.shape[0]
 
+    def replicate_onto(self, base: nn.Linear) -> LoraLinear:
+        """The same adapter shape around another base layer (lmforge.parallel.export rebuilds a sharded
+        model's LoRA layers on the meta device, then loads the gathered tensors into them)."""
+        dropout = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return LoraLinear(base, self.r, self.alpha, dropout)
+
     @property
     def scaling(self) -> float:
         return self.alpha / self.r

@@ -14,8 +14,8 @@ from lmforge.options import to_mapping
 from lmforge.parallel.mesh import ParallelConfig
 from lmforge.plots import plot_training, read_metrics
 from lmforge.runtime import is_rank0, model_device
-from lmforge.train.config import TrainConfig
-from lmforge.train.loop import TrainResult, check_context, resolve_precision, train
+from lmforge.train.config import TrainConfig, check_context, resolve_precision
+from lmforge.train.loop import TrainResult, train
 
 
 @dataclass

@@ -22,11 +22,18 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def gather_model(module: nn.Module) -> Transformer | None:
     """On rank 0, a plain single-process Transformer (CPU, fp32 or the stored dtype) holding the full weights,
-    ready for save_pretrained; None on the other ranks. A collective: every rank must call it."""
+    ready for save_pretrained (or, with LoRA layers, for save_adapter); None on the other ranks. A
+    collective: every rank must call it."""
     state = full_state_dict(module)
     if not is_rank0():
         return None
-    plain = Transformer(_unwrap(module).config, device="meta")
+    source = _unwrap(module)
+    plain = Transformer(source.config, device="meta")
+    # Layers added from outside the model (LoRA) say how to rebuild themselves around the plain layer.
+    for name, layer in source.named_modules():
+        if hasattr(layer, "replicate_onto"):
+            parent, _, attr = name.rpartition(".")
+            setattr(plain.get_submodule(parent), attr, layer.replicate_onto(plain.get_submodule(name)))
     plain.load_state_dict(state, strict=True, assign=True)
     return plain
 

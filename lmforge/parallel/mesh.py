@@ -20,7 +20,6 @@ from lmforge.errors import LmforgeError
 from lmforge.options import from_mapping, option, to_mapping, validate
 
 STRATEGIES = ("none", "ddp", "fsdp", "tp", "fsdp+tp")
-CHECKPOINTING = ("none", "full", "selective")
 FSDP_TP_DEFAULT_DEGREE = 2  # fsdp+tp with tp=0: pairs of ranks (the smallest split that still shards blocks)
 
 
@@ -37,12 +36,6 @@ class ParallelConfig:
         False, "with tp: keep the logits sharded over the vocabulary; the loss must run under loss_parallel()"
     )
     fsdp_cpu_offload: bool = option(False, "with fsdp: keep parameters, gradients and optimizer state in CPU memory")
-    checkpointing: str = option(
-        "none",
-        "recompute activations in the backward pass: none, full (every block) or selective",
-        choices=CHECKPOINTING,
-    )
-    checkpoint_every: int = option(2, "with selective checkpointing: recompute every k-th block (1 is full)")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -62,8 +55,6 @@ class ParallelConfig:
             raise LmforgeError(
                 f"fsdp_cpu_offload needs FSDP, but strategy is {self.parallel!r}; use strategy fsdp or fsdp+tp."
             )
-        if self.checkpoint_every < 1:
-            raise LmforgeError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}.")
 
     def tp_degree(self, world_size: int) -> int:
         """The tensor-parallel degree at this world size (1 without tensor parallelism)."""

@@ -37,7 +37,14 @@ def _submesh(mesh: DeviceMesh, name: str, strategy: str) -> DeviceMesh:
 
 
 def parallelize(
-    model: Transformer, config: ParallelConfig, mesh: DeviceMesh | None, *, compile: bool, dtype: str
+    model: Transformer,
+    config: ParallelConfig,
+    mesh: DeviceMesh | None,
+    *,
+    compile: bool,
+    dtype: str,
+    checkpointing: str = "none",
+    checkpoint_every: int = 2,
 ) -> nn.Module:
     """Apply `config`'s passes to `model` (in place) and return the module the training step calls.
 
@@ -45,7 +52,8 @@ def parallelize(
     for its config, state dict and export). `mesh` comes from `build_mesh`; None (one process) applies only
     activation checkpointing and compile. `dtype` is the resolved training dtype ("float32" or "bfloat16",
     see lmforge.runtime.training_dtype): under FSDP bfloat16 becomes the parameters' compute dtype, with
-    gradients reduced in fp32.
+    gradients reduced in fp32. `checkpointing` and `checkpoint_every` choose the blocks that recompute their
+    activations (lmforge.parallel.checkpointing; TrainConfig's activation_checkpointing and checkpoint_every).
 
     Before the call the model holds its weights on its device, the same on every rank: TP scatters rank 0's
     values, DDP broadcasts rank 0's, FSDP keeps each rank's own shard of its own copy (seed alike or load
@@ -71,7 +79,7 @@ def parallelize(
             sequence_parallel=config.sequence_parallel,
             loss_parallel=config.loss_parallel,
         )
-    apply_checkpointing(model, config.checkpointing, config.checkpoint_every)
+    apply_checkpointing(model, checkpointing, checkpoint_every)
     if compile:
         apply_compile(model)
     out: nn.Module = model

@@ -282,7 +282,6 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 def save_distributed(
     run_dir: Path,
     step: int,
-    model: Transformer,
     step_model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
@@ -293,7 +292,7 @@ def save_distributed(
     """A checkpoint of a run split over ranks: every rank writes its shards of the model and optimizer (DCP,
     lmforge.parallel.dcp), rank 0 adds the whole model in HF format (so transformers reads what a sharded
     run trained), the tokenizer and the trainer state, and commits it all atomically. A collective.
-    `save_model` (LoRA adapters) writes from rank 0's own replica instead: only DDP runs pass one."""
+    `save_model` (LoRA adapters) writes from the gathered model too."""
     from lmforge.parallel.dcp import committing, discard, save_sharded, staging_dir
     from lmforge.parallel.export import gather_model
     from lmforge.runtime import barrier, is_rank0
@@ -301,7 +300,7 @@ def save_distributed(
     root = run_dir / "checkpoints"
     staging = staging_dir(root, step)
     save_sharded(staging, step_model, optimizer)
-    plain = gather_model(step_model) if save_model is None else model  # rank 0: the full weights
+    plain = gather_model(step_model)  # rank 0: the full weights (LoRA layers included)
     if is_rank0():
         assert plain is not None
         state = {k: v for k, v in trainer_state.items() if k != "optimizer"}  # it is in the shards

@@ -1,14 +1,22 @@
-"""TrainConfig: every knob of the training loop, declared once (lmforge/options.py), validated on construction."""
+"""TrainConfig: every knob of the training loop, declared once (lmforge/options.py), validated on construction;
+and the two checks of a config against the model (its context) and the machine (its precision)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmforge.errors import LmforgeError, suggest
+import torch
+
+from lmforge.errors import LmforgeError, suggest, warn
 from lmforge.options import from_mapping, option, to_mapping, validate
-from lmforge.runtime import DTYPE_CHOICES, DTYPE_HELP
+from lmforge.parallel.checkpointing import MODES as CHECKPOINT_MODES
+from lmforge.runtime import DTYPE_CHOICES, DTYPE_HELP, probe_precision, training_dtype
 from lmforge.train.optim import OPTIMIZERS, SCHEDULES
+
+if TYPE_CHECKING:
+    from lmforge.model import Transformer
 
 OBJECTIVES = ("causal", "glm")  # pretraining objectives: next-token prediction, GLM blank infilling
 GLM_VARIANTS = ("token", "sentence", "document", "mixed")  # lmforge.train.glm explains each
@@ -37,7 +45,13 @@ class TrainConfig:
         "auto", "compute precision: " + DTYPE_HELP + " (autocast; weights stay fp32)", choices=DTYPE_CHOICES
     )
     compile: bool = option(False, "torch.compile the model")
-    activation_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    activation_checkpointing: str = option(
+        "none",
+        "recompute activations in the backward pass to save memory: none, full (every block) or selective "
+        "(every --checkpoint-every-th block)",
+        choices=CHECKPOINT_MODES,
+    )
+    checkpoint_every: int = option(2, "with selective checkpointing: recompute every k-th block (1 is full)")
     seed: int = option(0, "seed of initialisation, data order and dropout")
     mask_documents: bool = option(False, "block-diagonal attention within packed documents")
     objective: str = option(
@@ -57,7 +71,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-        positive = ("steps", "batch_size", "seq_len", "grad_accum", "max_bad_steps")
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "max_bad_steps", "checkpoint_every")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise LmforgeError(f"{name} must be positive, got {getattr(self, name)}.")
@@ -109,3 +123,29 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_mapping(self)
+
+
+def check_context(model: Transformer, cfg: TrainConfig) -> None:
+    """Training windows longer than the model's context would teach positions it never uses: refuse them."""
+    limit = model.config.max_position_embeddings
+    if cfg.seq_len > limit:
+        raise LmforgeError(
+            f"seq_len {cfg.seq_len} exceeds the model's context of {limit} tokens (max_position_embeddings); "
+            f"lower --seq-len or use a model with a longer context."
+        )
+
+
+def resolve_precision(cfg: TrainConfig, device: str | torch.device = "cpu", announce: bool = False) -> TrainConfig:
+    """`cfg` with dtype "auto" replaced by what the precision probe chose on `device` (float32/bfloat16);
+    `announce` prints the choice. An explicit bf16 that is slower than fp32 here is kept, with a warning."""
+    probe = probe_precision(device)
+    if cfg.dtype == "auto":
+        cfg = dataclasses.replace(cfg, dtype=training_dtype("auto", device))
+        if announce:
+            print(f"precision: {probe.describe()}", flush=True)
+    elif cfg.dtype == "bfloat16" and 0 < probe.bfloat16_flops < probe.float32_flops:
+        warn(
+            f"bfloat16 was asked for, but bf16 matmuls run {probe.float32_flops / probe.bfloat16_flops:.0f}x slower "
+            "than float32 on this machine; --dtype auto would train in float32."
+        )
+    return cfg

@@ -19,8 +19,8 @@ from lmforge.parallel.mesh import ParallelConfig
 from lmforge.plots import plot_training
 from lmforge.runtime import is_rank0, model_device
 from lmforge.train.checkpoints import resume_point
-from lmforge.train.config import TrainConfig
-from lmforge.train.loop import TrainResult, check_context, resolve_precision, train
+from lmforge.train.config import TrainConfig, check_context, resolve_precision
+from lmforge.train.loop import TrainResult, train
 from lmforge.train.objectives import causal_lm
 
 
