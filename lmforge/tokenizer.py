@@ -131,6 +131,12 @@ class Tokenizer:
         self._piece_bytes: list[bytes] | None = None
 
     @property
+    def backend(self) -> _RustTokenizer:
+        """The wrapped `tokenizers.Tokenizer`, for readers of its vocabulary and merges (GGUF export); changing
+        it bypasses this class."""
+        return self._tk
+
+    @property
     def chat_format(self) -> str | None:
         """The native chat format ("llama3", "llama3.1", "chatml", "glm4") or None; may be set."""
         return self._chat_format
@@ -186,8 +192,12 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         """Load an HF tokenizer directory: tokenizer.json, plus tokenizer_config.json (special tokens, chat
-        template), special_tokens_map.json and chat_template.jinja when present."""
+        template), special_tokens_map.json and chat_template.jinja when present; or a GGUF file's vocabulary."""
         root = Path(path)
+        if root.suffix.lower() == ".gguf" and root.is_file():  # llama.cpp's file embeds its vocabulary
+            from lmforge.checkpoint.gguf_read import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(root)
         if not root.is_dir():
             hint = " (pass the directory that holds it)" if root.name == "tokenizer.json" else ""
             raise LmforgeError(
