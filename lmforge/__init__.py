@@ -5,6 +5,7 @@ from lmforge.config import ModelConfig, RopeScaling, list_presets
 from lmforge.errors import LmforgeError
 from lmforge.generate.api import generate, generate_stream
 from lmforge.model import Transformer
+from lmforge.quant.quantize import quantize
 from lmforge.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "generate",
     "generate_stream",
     "list_presets",
+    "quantize",
     "load_pretrained",
     "save_pretrained",
 ]

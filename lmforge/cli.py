@@ -34,6 +34,8 @@ def _register_commands() -> None:
     import lmforge.commands.generate
     import lmforge.commands.model
     import lmforge.commands.plan
+    import lmforge.commands.prune
+    import lmforge.commands.quantize
     import lmforge.commands.serve
     import lmforge.commands.train  # noqa: F401
 
@@ -54,6 +56,8 @@ ORDER = (
     "bench",
     "serve",
     "plan",
+    "quantize",
+    "prune",
     "quickstart",
 )
 

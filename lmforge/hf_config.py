@@ -189,8 +189,13 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise LmforgeError(f"hidden_act {shown(act)} is not supported; these families use 'silu'.")
-    if hf.get("quantization_config"):
-        raise LmforgeError("quantized checkpoints (quantization_config) are not supported yet; use bf16/fp32 weights.")
+    quant = hf.get("quantization_config")
+    if quant and not (isinstance(quant, dict) and quant.get("quant_method") == "lmforge"):
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise LmforgeError(
+            f"quantization_config.quant_method {shown(method)} is not supported (lmforge reads its own, written by "
+            "`lmforge quantize`); load bf16/fp32 weights, then quantize them with `lmforge quantize`."
+        )
     sliding = family == "qwen2" and "use_sliding_window" in hf
     if sliding and _in_config_json(check_bool, "use_sliding_window", hf["use_sliding_window"]):
         raise LmforgeError("use_sliding_window=true is not supported; Qwen 2.5 checkpoints leave it false.")

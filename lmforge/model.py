@@ -251,8 +251,10 @@ class Transformer(nn.Module):
         return self.head(x)  # [B, T, V]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and output projection: hidden states [B, T, h] -> logits [B, T, V]."""
-        return F.linear(self.norm(x), self.output_weight)
+        """Final norm and output projection: hidden states [B, T, h] -> logits [B, T, V]. The projection is a
+        module when there is one, so passes from outside (quantization) can replace it."""
+        h = self.norm(x)
+        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
 
 
 def build_attention_mask(

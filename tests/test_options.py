@@ -23,6 +23,9 @@ from lmforge.generate.bench import BenchConfig
 from lmforge.generate.options import GenerationOptions
 from lmforge.loading import LoadOptions
 from lmforge.options import from_mapping, read_config_file, specs
+from lmforge.parallel.mesh import ParallelConfig
+from lmforge.quant.prune import PruneConfig
+from lmforge.quant.quantize import QuantConfig
 from lmforge.quickstart import QuickstartOptions
 from lmforge.train.config import TrainConfig
 
@@ -33,7 +36,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 # Each command and the option dataclasses (with their flag prefix) it must expose.
 COMMANDS = {
-    ("pretrain",): [(TrainConfig, "")],
+    ("pretrain",): [(TrainConfig, ""), (ParallelConfig, "")],
     ("finetune",): [(SFTConfig, ""), (LoraConfig, "lora_"), (TrainConfig, "")],
     ("dpo",): [(DPOConfig, ""), (LoraConfig, "lora_"), (TrainConfig, "")],
     ("distill",): [(DistillConfig, ""), (TrainConfig, "")],
@@ -44,6 +47,8 @@ COMMANDS = {
     ("eval", "--model", "m", "--task", "t"): [(EvalSettings, ""), (LoadOptions, "")],
     ("bench", "--model", "m"): [(BenchConfig, ""), (LoadOptions, "")],
     ("quickstart",): [(QuickstartOptions, "")],
+    ("quantize",): [(QuantConfig, "")],
+    ("prune",): [(PruneConfig, "")],
 }
 
 

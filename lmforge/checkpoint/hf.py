@@ -77,12 +77,20 @@ def to_hf_names(names: list[str], family: str) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for name in names:
         tmpl, layer = _template(name)
+        leaf = None  # a quantized layer's tensors (qweight, scales, zeros): named like its weight, own leaf
+        if tmpl not in key_map and tmpl not in fused_by_part:
+            module, _, leaf = tmpl.rpartition(".")
+            tmpl = f"{module}.weight"
+
+        def renamed(n: str, leaf: str | None = leaf) -> str:
+            return n if leaf is None else f"{n.removesuffix('.weight')}.{leaf}"
+
         if tmpl in fused_by_part:
             hf_tmpl = fused_by_part[tmpl]
             parts = FUSED[family][hf_tmpl]
-            out[hf_tmpl.format(i=layer)] = tuple(p.format(i=layer) for p in parts)
+            out[renamed(hf_tmpl).format(i=layer)] = tuple(renamed(p).format(i=layer) for p in parts)
         else:
-            out[key_map[tmpl].format(i=layer)] = (name,)
+            out[renamed(key_map[tmpl]).format(i=layer)] = (name,)
     return out
 
 
@@ -193,7 +201,12 @@ def load_pretrained(
 
     dtype None keeps the stored dtype; "auto" keeps it too unless it is a half precision that is slow on
     this machine (then fp32, see lmforge.runtime); tensors that need no conversion stay memory-mapped.
+    A `.gguf` file is read by lmforge/checkpoint/gguf_read.py (dequantized to fp32 unless dtype says otherwise).
     """
+    if Path(path).suffix.lower() == ".gguf":
+        from lmforge.checkpoint.gguf_read import load_gguf
+
+        return load_gguf(path, dtype=dtype, device=device)
     from safetensors import safe_open
 
     from lmforge.config import dtype_from_name
@@ -202,7 +215,8 @@ def load_pretrained(
     wanted = dtype
 
     path = Path(path)
-    config = ModelConfig.from_hf(read_hf_config(path))
+    hf_config = read_hf_config(path)
+    config = ModelConfig.from_hf(hf_config)
     files = _weight_files(path)
     _check_layer_count(path, config, files)
     if config.tie_embeddings and "lm_head.weight" in files and not _same_tensor(files, "lm_head.weight", safe_open):
@@ -210,6 +224,12 @@ def load_pretrained(
         config = config.replace(tie_embeddings=False)
     with torch.device("meta"):
         model = Transformer(config, device="meta")
+    quantized: set[str] = set()  # names of quantized tensors: loaded as stored, never cast
+    if hf_config.get("quantization_config"):  # hf_config.py refused any other than lmforge's
+        from lmforge.quant.quantize import QuantConfig, quantize_for_loading, quantized_layers
+
+        quantize_for_loading(model, QuantConfig.from_hf(hf_config["quantization_config"], f"{path}/config.json"))
+        quantized = {f"{n}.{b}" for n, layer in quantized_layers(model).items() for b, _ in layer.named_buffers()}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     hf_to_ours = to_hf_names(list(expected), config.family)
 
@@ -233,6 +253,13 @@ def load_pretrained(
             tensor = handles[file].get_tensor(hf)
         except Exception as e:
             raise LmforgeError(f"cannot read tensor {hf} from {file} ({e}); the file is corrupt: re-save it.") from None
+        if ours[0] in quantized:  # stored as written: int8 / packed int4 and their fp32 scales
+            # Copied out of the memory map: the int8 kernel's vector loads fault on a file offset's alignment.
+            parts = tuple(p.clone() for p in (tensor.chunk(len(ours), dim=0) if len(ours) > 1 else (tensor,)))
+            if any(tuple(p.shape) != expected[n] for n, p in zip(ours, parts, strict=True)):
+                wrong_shape.append(f"{hf} has shape {list(tensor.shape)}")
+            state.update(zip(ours, parts, strict=True))
+            continue
         if not tensor.dtype.is_floating_point:
             # Integer weights are quantized or not weights at all; casting them to float would load garbage.
             raise LmforgeError(
@@ -349,7 +376,7 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> Itera
     state = model.state_dict()
     for hf, ours in to_hf_names(list(state), model.config.family).items():
         t = state[ours[0]] if len(ours) == 1 else torch.cat([state[n] for n in ours], dim=0)
-        yield hf, t if dtype is None else t.to(dtype)
+        yield hf, t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
 MAX_SHARD_SIZE = "5GB"  # transformers' default shard size
@@ -374,10 +401,16 @@ def save_pretrained(
     """
     limit = _parse_size(max_shard_size)
     config = model.config.replace(dtype=str(dtype or model.embed.weight.dtype).removeprefix("torch."))
+    hf_config = config.to_hf()
+    quantization = getattr(model, "quantization_config", None)  # set by lmforge.quantize
+    if quantization is not None:
+        if dtype is not None:
+            raise LmforgeError("a quantized model is saved as it is quantized: drop the dtype (--dtype).")
+        hf_config["quantization_config"] = quantization
 
     def write(tmp: Path) -> None:
         _write_shards(model, tmp, dtype, limit)
-        (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         gen = {
             "bos_token_id": config.bos_token_id,
             "eos_token_id": list(config.eos_token_id) or None,

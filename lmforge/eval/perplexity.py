@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
@@ -114,3 +115,36 @@ def shard_perplexity(
     scores = score_tokens(model, pairs, batch_size, max_length, progress)
     nbytes = shards.num_bytes if n == shards.num_tokens else round(shards.num_bytes * n / shards.num_tokens)
     return Perplexity(-sum(s.logprob for s in scores), n, 0, nbytes, shards.num_documents)
+
+
+MAX_EVAL_LENGTH = 1024  # default window of held_out_perplexity: the model's context, but no more than this
+
+
+def held_out_perplexity(
+    model: Transformer, path: str | Path, tokenizer: Any = None, max_length: int = 0, max_tokens: int = 0
+) -> Perplexity:
+    """Perplexity of prepared shards (their val split, else train) or of a text / JSONL file (`tokenizer`
+    needed), scored in disjoint windows of `max_length` tokens (default: the model's context, at most
+    MAX_EVAL_LENGTH; give the training length for a model trained on shorter windows)."""
+    from lmforge.data.shards import TokenShards, has_split
+    from lmforge.eval.tasks import load_texts
+
+    path = Path(path)
+    max_length = max_length or min(model.config.max_position_embeddings, MAX_EVAL_LENGTH)
+    was_training = model.training
+    try:
+        if path.is_dir():
+            shards = TokenShards(path, "val" if has_split(path, "val") else "train")
+            if shards.vocab_size > model.config.vocab_size:
+                raise LmforgeError(
+                    f"{path} uses {shards.vocab_size} token ids but the model's vocabulary has "
+                    f"{model.config.vocab_size}; prepare it with this model's tokenizer."
+                )
+            return shard_perplexity(model, shards, max_length, max_tokens=max_tokens or None)
+        if not path.is_file():
+            raise LmforgeError(f"--eval-data {path} does not exist; give prepared shards or a text file.")
+        if tokenizer is None:
+            raise LmforgeError(f"scoring the text file {path} needs the model's tokenizer.json beside its weights.")
+        return text_perplexity(model, tokenizer, load_texts(path), max_length)
+    finally:
+        model.train(was_training)

@@ -50,6 +50,8 @@ from lmforge.checkpoint import to_hf_modules, write_safetensors
 from lmforge.errors import LmforgeError, suggest
 from lmforge.model import Transformer
 from lmforge.options import option
+from lmforge.quant.layers import QuantLinear
+from lmforge.quant.quantize import dequantize
 
 # Target name -> the module path inside each decoder layer.
 TARGETS: dict[str, str] = {
@@ -139,29 +141,22 @@ def _adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
-class LoraLinear(nn.Linear):
-    """A linear layer plus a trainable low-rank update: F.linear(x, W, b) + (alpha/r) * B A dropout(x).
+class _LowRank:
+    """The adapter both LoRA layers share: lora_A [r, in], lora_B [out, r] and alpha; B = 0 at the start.
+    Adapters are fp32 when the base is fp16/bf16 (or quantized), else in the base dtype."""
 
-    Wraps `base` in place: `weight` and `bias` ARE base's Parameters (same objects, same names), so
-    state_dict keys of the base stay; `lora_A` [r, in] and `lora_B` [out, r] are added. Adapters are fp32
-    when the base is fp16/bf16, else in the base dtype.
-    """
+    in_features: int
+    out_features: int
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    lora_dropout: nn.Module
+    alpha: float
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        r: int,
-        alpha: float,
-        dropout: float = 0.0,
-        *,
-        generator: torch.Generator | None = None,
+    def _init_adapter(
+        self, r: int, alpha: float, dropout: float, dtype: torch.dtype, device: Any, generator: Any
     ) -> None:
-        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second weight
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
-        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        kw = {"dtype": _adapter_dtype(base.weight.dtype), "device": base.weight.device}
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        kw = {"dtype": _adapter_dtype(dtype), "device": device}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         self.alpha = float(alpha)
@@ -172,18 +167,15 @@ class LoraLinear(nn.Linear):
     def r(self) -> int:
         return self.lora_A.shape[0]
 
-    def replicate_onto(self, base: nn.Linear) -> LoraLinear:
-        """The same adapter shape around another base layer (lmforge.parallel.export rebuilds a sharded
-        model's LoRA layers on the meta device, then loads the gathered tensors into them)."""
-        dropout = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        return LoraLinear(base, self.r, self.alpha, dropout)
-
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # [..., o]
+    @property
+    def dropout_p(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def _update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         h = F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A)  # [..., r]
         return out + (F.linear(h, self.lora_B) * self.scaling).to(out.dtype)
 
@@ -206,6 +198,40 @@ class LoraLinear(nn.Linear):
         dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
         return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
 
+    def _extra(self) -> str:
+        return f"r={self.r}, alpha={_number(self.alpha)}"
+
+
+class LoraLinear(_LowRank, nn.Linear):
+    """A linear layer plus a trainable low-rank update: F.linear(x, W, b) + (alpha/r) * B A dropout(x).
+
+    Wraps `base` in place: `weight` and `bias` ARE base's Parameters (same objects, same names), so
+    state_dict keys of the base stay; `lora_A` [r, in] and `lora_B` [out, r] are added.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a second weight
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self._init_adapter(r, alpha, dropout, base.weight.dtype, base.weight.device, generator)
+
+    def replicate_onto(self, base: nn.Linear) -> LoraLinear:
+        """The same adapter shape around another base layer (lmforge.parallel.export rebuilds a sharded
+        model's LoRA layers on the meta device, then loads the gathered tensors into them)."""
+        return LoraLinear(base, self.r, self.alpha, self.dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._update(x, F.linear(x, self.weight, self.bias))  # [..., o]
+
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """A plain nn.Linear computing the same function: weight W + scaling * B @ A (in W's dtype and device),
@@ -219,7 +245,39 @@ class LoraLinear(nn.Linear):
         return linear
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={_number(self.alpha)}"
+        return f"{super().extra_repr()}, {self._extra()}"
+
+
+class QLoraLinear(_LowRank, nn.Module):
+    """LoRA over a frozen weight-only quantized layer (QLoRA, Dettmers et al. 2023, with lmforge's int8/int4
+    in place of NF4): base_layer(x) + (alpha/r) * B A dropout(x). The base stays quantized and is kept as
+    the `base_layer` child (PEFT's name for it); gradients reach the input through its dequantized weight."""
+
+    def __init__(self, base: QuantLinear, r: int, alpha: float, dropout: float = 0.0, *, generator: Any = None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base_layer = base
+        self._init_adapter(r, alpha, dropout, torch.float32, base.qweight.device, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._update(x, self.base_layer(x))
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A float nn.Linear: the dequantized weight plus scaling * B @ A (merging gives up the quantization)."""
+        merged = self.base_layer.dequantize() + self.delta_weight()
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None)
+        linear.weight = nn.Parameter(merged)
+        if self.base_layer.bias is not None:
+            linear.bias = nn.Parameter(self.base_layer.bias.detach().float().clone())
+        return linear
+
+    def extra_repr(self) -> str:
+        return self._extra()
+
+
+LORA_LAYERS = (LoraLinear, QLoraLinear)
 
 
 @dataclass(frozen=True)
@@ -247,9 +305,9 @@ class LoraReport:
         )
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
-    """Module name -> LoraLinear, for every LoRA layer in the model."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+def lora_modules(model: nn.Module) -> dict[str, LoraLinear | QLoraLinear]:
+    """Module name -> LoRA layer (LoraLinear, or QLoraLinear over a quantized base), for every one in the model."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
 def lora_report(model: nn.Module) -> LoraReport:
@@ -296,7 +354,7 @@ def apply_lora(model: Transformer, config: LoraConfig, *, generator: torch.Gener
             module = model.get_submodule(name)
         except AttributeError:
             module = None
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear and not isinstance(module, QuantLinear):
             raise LmforgeError(
                 f"LoRA target {name} is not a linear layer of this model ({type(module).__name__}); "
                 f"the targets are {', '.join(f'{t} ({p})' for t, p in TARGETS.items())}."
@@ -305,16 +363,18 @@ def apply_lora(model: Transformer, config: LoraConfig, *, generator: torch.Gener
         p.requires_grad_(False)
     for name in names:
         base = model.get_submodule(name)
-        assert isinstance(base, nn.Linear)
-        _set_module(model, name, LoraLinear(base, config.r, config.alpha, config.dropout, generator=generator))
+        layer = QLoraLinear if isinstance(base, QuantLinear) else LoraLinear
+        _set_module(model, name, layer(base, config.r, config.alpha, config.dropout, generator=generator))
     return lora_report(model)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA layer into its weight (W + scaling * B @ A); the model becomes plain again, with every
-    parameter trainable. Returns the model."""
+    parameter trainable (a quantized base is dequantized: the result is a float model). Returns the model."""
     for name, module in lora_modules(model).items():
         _set_module(model, name, module.merge())
+    if getattr(model, "quantization_config", None) is not None:  # QLoRA: the merged layers are float now
+        dequantize(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -327,7 +387,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # --- PEFT format: saving ---------------------------------------------------------------------------
 def _fuse(
-    parts: list[LoraLinear | None], outs: list[int], in_features: int
+    parts: list[LoraLinear | QLoraLinear | None], outs: list[int], in_features: int
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One LoRA (A [n*q, i], B [sum o, n*q], alpha) equal to the parts' LoRAs stacked by rows.
 
@@ -620,6 +680,6 @@ def load_adapter(model: Transformer, path: str | os.PathLike) -> LoraConfig:
     apply_lora(model, config, generator=torch.Generator().manual_seed(0))
     for name, (A, B, alpha) in specs.items():
         module = model.get_submodule(name)
-        assert isinstance(module, LoraLinear)
+        assert isinstance(module, LORA_LAYERS)
         module.set_adapter(A, B, alpha)
     return config

@@ -82,6 +82,12 @@ class EngineConfig:
     prefill_chunk: int = option(256, "prompt tokens computed per engine step at most (chunked prefill)")
     max_waiting: int = option(256, "requests queued at most; more are refused")
     prefix_caching: bool = option(True, "reuse the KV blocks of prompts that share a prefix")
+    kv_cache_dtype: str = option(
+        "model",
+        "model (the weights' dtype) or int8 (8-bit keys and values, a scale per token and head: 4x fewer bytes "
+        "than fp32)",
+        choices=("model", "int8"),
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -208,7 +214,8 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         blocks = config.kv_blocks or self._auto_blocks()
         self.blocks = BlockManager(blocks, config.block_size)
-        self.cache = PagedKVCache(c, blocks, config.block_size, self.dtype, self.device)
+        int8 = config.kv_cache_dtype == "int8"
+        self.cache = PagedKVCache(c, blocks, config.block_size, self.dtype, self.device, int8)
         # Decode-time matrix-vector speed-up, installed once for the engine's life: only the engine's
         # thread runs this model, so concurrent requests never race on it (lmforge.generate.gemv).
         self._gemv = ParallelGemv(model).install() if self.device.type == "cpu" else None
@@ -226,7 +233,7 @@ class Engine:
         cfg, c = self.config, self.model.config
         per_request = math.ceil(c.max_position_embeddings / cfg.block_size)
         want = cfg.max_batch * per_request + 1
-        per_block = PagedKVCache.bytes_per_block(c, cfg.block_size, self.dtype)
+        per_block = PagedKVCache.bytes_per_block(c, cfg.block_size, self.dtype, cfg.kv_cache_dtype == "int8")
         try:
             import os
 

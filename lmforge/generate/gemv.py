@@ -3,7 +3,8 @@
 One decode step multiplies each weight matrix by a handful of vectors. The fp32 path of PyTorch's CPU
 BLAS (MKL) runs those products on ONE thread, which reaches about 60% of this machine's memory bandwidth
 (benchmarks/RESULTS.md). Splitting the rows of the weight across `torch.get_num_threads()` threads (the
-caller plus helpers; PyTorch releases the GIL inside the kernels) reaches the bandwidth ceiling. Every
+caller plus helpers; PyTorch releases the GIL inside the kernels) reaches the bandwidth ceiling. Quantized
+layers (lmforge.quant.layers) run their own kernels on the same split. Every
 output element is still the same dot product, so results are bit-identical. bf16 goes through oneDNN,
 which already uses every thread, and is left alone.
 """
@@ -48,13 +49,18 @@ class ParallelGemv:
             return self
         # Exactly nn.Linear: subclasses (LoRA layers) compute more than the product and keep their forward.
         linears = [m for m in self.model.modules() if type(m) is nn.Linear and _eligible(m.weight)]
-        head_weight = getattr(self.model, "output_weight", None)
-        if not linears and (head_weight is None or not _eligible(head_weight)):
+        # Quantized layers (lmforge.quant.layers) keep their kernels and hand this object their row split.
+        quantized = [m for m in self.model.modules() if _splits_rows(m)]
+        head_weight = getattr(self.model, "output_weight", None)  # None too when the head is quantized
+        if not linears and not quantized and (head_weight is None or not _eligible(head_weight)):
             return self
         self.pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, thread_name_prefix="lmforge-gemv")
         for m in linears:
             m.forward = MethodType(_linear_forward(self), m)
             self.patched.append((m, "forward"))
+        for m in quantized:
+            m.gemv = self
+            self.patched.append((m, "gemv"))
         if head_weight is not None and _eligible(head_weight):
 
             def head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -78,31 +84,49 @@ class ParallelGemv:
             self.pool = None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.pool is None or rows > MAX_ROWS or torch.is_grad_enabled():
+        x2 = x.reshape(-1, x.shape[-1])  # [M, in]
+        out = self.split(x2, weight.shape[0], lambda x2, a, b, o: torch.mm(x2, weight[a:b].t(), out=o))
+        if out is None:
             return F.linear(x, weight, bias)
-        x2 = x.reshape(rows, x.shape[-1])  # [M, in]
-        out = torch.empty(rows, weight.shape[0], dtype=x.dtype, device=x.device)  # [M, out]
-        bounds = [weight.shape[0] * i // self.threads for i in range(self.threads + 1)]
-        jobs = [
-            self.pool.submit(_mm_into, x2, weight[a:b], out[:, a:b])
-            for a, b in zip(bounds[1:-1], bounds[2:], strict=True)
-        ]
-        _mm_into(x2, weight[: bounds[1]], out[:, : bounds[1]])
-        for job in jobs:
-            job.result()
         if bias is not None:
             out += bias
         return out.view(*x.shape[:-1], weight.shape[0])
+
+    def split(
+        self,
+        x2: torch.Tensor,
+        n_out: int,
+        rows_into: Callable[[torch.Tensor, int, int, torch.Tensor], None],
+        align: int = 1,
+    ) -> torch.Tensor | None:
+        """x2 [M, in] times a weight of `n_out` rows, the rows split over the threads: `rows_into(x2, a, b, out)`
+        writes output columns a..b (the split points are multiples of `align`). None when the product is not
+        small enough to gain (prefill, training): the caller computes it whole."""
+        rows = x2.shape[0]
+        if self.pool is None or rows > MAX_ROWS or torch.is_grad_enabled():
+            return None
+        out = torch.empty(rows, n_out, dtype=x2.dtype, device=x2.device)  # [M, out]
+        bounds = [n_out * i // self.threads // align * align for i in range(self.threads)] + [n_out]
+        parts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        jobs = [self.pool.submit(_in_inference, rows_into, x2, a, b, out[:, a:b]) for a, b in parts[1:]]
+        a, b = parts[0]
+        _in_inference(rows_into, x2, a, b, out[:, a:b])  # this thread's share
+        for job in jobs:
+            job.result()
+        return out
 
 
 def _eligible(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= MIN_WEIGHT
 
 
-def _mm_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+def _splits_rows(m: nn.Module) -> bool:
+    return hasattr(m, "rows_into") and hasattr(type(m), "gemv") and m.in_features * m.out_features >= MIN_WEIGHT
+
+
+def _in_inference(rows_into: Callable[..., None], *args: Any) -> None:
     with torch.inference_mode():  # grad/inference mode is per thread: the helper needs it set too
-        torch.mm(x, weight.t(), out=out)
+        rows_into(*args)
 
 
 def _linear_forward(ctx: ParallelGemv) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Compression passes applied to a model from outside: weight-only quantization and pruning (prune.py)."""
