@@ -41,6 +41,7 @@ VARIANTS = {  # name -> (dtype of the float parts, quantize kwargs or None)
     "fp32": (torch.float32, None),
     "bf16": (torch.bfloat16, None),
     "int8": (torch.float32, {"method": "int8"}),
+    "int8 W8A8": (torch.float32, {"method": "int8", "act_dtype": "int8"}),
     "int4 g32": (torch.float32, {"method": "int4", "group_size": 32}),
     "int4 g128": (torch.float32, {"method": "int4", "group_size": 128}),
 }
@@ -119,7 +120,7 @@ def perplexity(args: argparse.Namespace) -> list[str]:
 
         checkpoint, data = build(Path(args.work), args.train_steps, 8, 4.0, 2048)  # prune_curve.py's defaults
     rows = []
-    for name in ("fp32", "int8", "int4 g32", "int4 g128"):
+    for name in ("fp32", "int8", "int8 W8A8", "int4 g32", "int4 g128"):
         model = lmforge.load_pretrained(checkpoint, dtype=torch.float32)
         q = VARIANTS[name][1]
         if q:

@@ -83,6 +83,22 @@ def test_kernels_compute_the_product_with_the_dequantized_weight(bits, act):
     assert (out.double() - ref).abs().max() < tol * ref.abs().max()
 
 
+def test_w8a8_quantizes_each_input_row_and_multiplies_in_integers():
+    base = linear(128, 256, seed=3)
+    layer = Int8Linear.from_linear(base, torch.int8)
+    x = torch.randn(4, 256) * torch.tensor([[0.1], [1.0], [10.0], [100.0]])  # rows of very different scale
+    step = x.abs().amax(dim=1, keepdim=True) / 127
+    xq = torch.round(x / step).clamp(-127, 127)
+    ref = (xq.double() @ layer.qweight.double().t()) * step.double() * layer.scales.double() + base.bias.double()
+    with torch.no_grad():
+        out = layer(x)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    exact = x.double() @ base.weight.double().t() + base.bias.double()
+    assert (out.double() - exact).abs().max() < 0.02 * exact.abs().max()  # both quantization errors together
+    with pytest.raises(LmforgeError, match="goes with method int8"):
+        quantize(model_of(), "int4", act_dtype="int8")
+
+
 def test_gradients_reach_the_input_through_a_quantized_layer():
     base = linear(64, 96, seed=2)
     for layer in (Int8Linear.from_linear(base, torch.float32), Int4Linear.from_linear(base, torch.float32, 32)):
@@ -137,10 +153,12 @@ def test_dequantize_gives_back_a_float_model_that_computes_the_same():
 
 
 # --- the checkpoint format -----------------------------------------------------------------------------
-@pytest.mark.parametrize("preset,method", [("tiny-llama", "int4"), ("tiny-glm4", "int8"), ("tiny-qwen2", "int4")])
-def test_a_quantized_checkpoint_loads_back_quantized(tmp_path, preset, method):
+@pytest.mark.parametrize(
+    "preset,method,act", [("tiny-llama", "int4", "auto"), ("tiny-glm4", "int8", "auto"), ("tiny-qwen2", "int8", "int8")]
+)
+def test_a_quantized_checkpoint_loads_back_quantized(tmp_path, preset, method, act):
     model = model_of(preset)
-    quantize(model, method, 32)
+    quantize(model, method, 32, act_dtype=act)
     lmforge.save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "lmforge"
@@ -171,11 +189,11 @@ def test_a_foreign_quantization_is_refused_in_one_line():
 
 
 # --- decoding: the thread split, the engine, the int8 KV cache -----------------------------------------
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_the_decode_thread_split_is_bit_identical(monkeypatch, method):
+@pytest.mark.parametrize("method,act", [("int8", "auto"), ("int4", "auto"), ("int8", "int8")])
+def test_the_decode_thread_split_is_bit_identical(monkeypatch, method, act):
     monkeypatch.setattr(gemv, "MIN_WEIGHT", 1)  # split even the tiny layers
     model = model_of("tiny-llama")
-    quantize(model, method, 32)
+    quantize(model, method, 32, act_dtype=act)
     ids = torch.randint(0, model.config.vocab_size, (3, 1))
     with torch.inference_mode():
         whole = model(ids)
@@ -194,10 +212,10 @@ def naive_greedy(model: lmforge.Transformer, prompt: list[int], n: int) -> list[
     return ids[len(prompt) :]
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_the_engine_decodes_a_quantized_model(method):
+@pytest.mark.parametrize("method,act", [("int8", "float32"), ("int4", "float32"), ("int8", "int8")])
+def test_the_engine_decodes_a_quantized_model(method, act):
     model = model_of("tiny-llama", initializer_range=0.3)  # peaked logits: greedy has no near-ties
-    quantize(model, method, 32, act_dtype="float32")
+    quantize(model, method, 32, act_dtype=act)
     prompts = [[5, 9, 17, 33], [250, 3], [7] * 9]
     engine = Engine(model, config=EngineConfig(max_batch=3))
     try:

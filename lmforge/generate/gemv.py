@@ -98,14 +98,16 @@ class ParallelGemv:
         n_out: int,
         rows_into: Callable[[torch.Tensor, int, int, torch.Tensor], None],
         align: int = 1,
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor | None:
         """x2 [M, in] times a weight of `n_out` rows, the rows split over the threads: `rows_into(x2, a, b, out)`
-        writes output columns a..b (the split points are multiples of `align`). None when the product is not
+        writes output columns a..b (the split points are multiples of `align`; the output is `out_dtype`,
+        default x2's). None when the product is not
         small enough to gain (prefill, training): the caller computes it whole."""
         rows = x2.shape[0]
         if self.pool is None or rows > MAX_ROWS or torch.is_grad_enabled():
             return None
-        out = torch.empty(rows, n_out, dtype=x2.dtype, device=x2.device)  # [M, out]
+        out = torch.empty(rows, n_out, dtype=out_dtype or x2.dtype, device=x2.device)  # [M, out]
         bounds = [n_out * i // self.threads // align * align for i in range(self.threads)] + [n_out]
         parts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
         jobs = [self.pool.submit(_in_inference, rows_into, x2, a, b, out[:, a:b]) for a, b in parts[1:]]

@@ -9,6 +9,9 @@ output in the input's dtype. Elsewhere (CUDA, or a kernel refusing a shape) they
 
 Letters: M rows of input (tokens), K input features, N output features, G groups of `group_size` inputs.
 
+`act_dtype=torch.int8` (int8 layers only) also quantizes each input row to int8 on the fly and multiplies
+with torch._int_mm (integer dot products, exact in int32): W8A8, what llama.cpp's q8_0 products do.
+
 Gradients flow to the input (not to the frozen quantized weight), so LoRA adapters before and after a
 quantized layer train (QLoRA, Dettmers et al. 2023, with int4/int8 in place of NF4).
 """
@@ -52,22 +55,36 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.act_dtype)  # [M, K]
-        y = None
-        if self.gemv is not None and not torch.is_grad_enabled():
-            y = self.gemv.split(x2, self.out_features, self.rows_into, self.row_align)
-        if y is None:
-            y = _WeightOnlyMatmul.apply(x2, self) if torch.is_grad_enabled() and x2.requires_grad else self.product(x2)
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = _WeightOnlyMatmul.apply(x2, self)
+        else:
+            y = self.product(x2)
         y = y.to(x.dtype)  # [M, N]
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def product(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [M, K] (act_dtype) @ W^T -> [M, N]: the kernel on CPU, a dequantized F.linear elsewhere."""
+        """x2 [M, K] @ W^T -> [M, N]: the kernel on CPU (rows split over threads by a ParallelGemv while one is
+        installed), a dequantized F.linear elsewhere."""
         if x2.device.type != "cpu":
-            return F.linear(x2, self.dequantize().to(x2.dtype))
-        return self.rows(x2, 0, self.out_features)
+            return F.linear(x2.to(self.compute_dtype), self.dequantize().to(self.compute_dtype))
+        xa, row_scale = self.activations(x2)
+        y = None
+        if self.gemv is not None and not torch.is_grad_enabled():
+            y = self.gemv.split(xa, self.out_features, self.rows_into, self.row_align, self.compute_dtype)
+        if y is None:
+            y = self.rows(xa, 0, self.out_features)
+        return y if row_scale is None else y * row_scale[:, None]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float32 if self.act_dtype == torch.int8 else self.act_dtype
+
+    def activations(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the kernel multiplies, and a scale per row to apply to its output (int8 activations)."""
+        return x2.to(self.act_dtype), None
 
     def rows_into(self, x2: torch.Tensor, a: int, b: int, out: torch.Tensor) -> None:
         """Output features a..b into `out` [M, b - a] (one thread's share of a split product)."""
@@ -122,7 +139,16 @@ class Int8Linear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales[:, None]
 
+    def activations(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.act_dtype != torch.int8:
+            return super().activations(x2)
+        # W8A8: each row of the input quantized on the fly (absmax / 127), as llama.cpp's q8_0 products do.
+        scale = (x2.abs().amax(dim=1).float() / 127).clamp(min=torch.finfo(torch.float32).tiny)  # [M]
+        return torch.round(x2.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
     def rows(self, x2: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        if x2.dtype == torch.int8:  # int8 x int8 -> int32 (exact), then the weight's per-channel scale
+            return torch._int_mm(x2, self.qweight[a:b].t()).float() * self.scales[a:b]
         return torch.ops.aten._weight_int8pack_mm(x2, self.qweight[a:b], self.scales[a:b].to(x2.dtype))
 
 

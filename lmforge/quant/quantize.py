@@ -26,7 +26,7 @@ from lmforge.options import option, validate
 from lmforge.quant.layers import INT4_GROUP_SIZES, Int4Linear, Int8Linear, QuantLinear
 
 METHODS = ("int8", "int4")
-ACT_DTYPES = ("auto", "float32", "bfloat16")
+ACT_DTYPES = ("auto", "float32", "bfloat16", "int8")
 QUANT_METHOD = "lmforge"  # config.json's quantization_config.quant_method for checkpoints written here
 
 
@@ -37,12 +37,17 @@ class QuantConfig:
     method: str = option("int8", "int8 (per output channel) or int4 (per group of inputs)", choices=METHODS)
     group_size: int = option(32, "int4: inputs sharing one scale and zero point", choices=INT4_GROUP_SIZES)
     act_dtype: str = option(
-        "auto", "compute dtype of the quantized products (auto: the faster here, measured)", choices=ACT_DTYPES
+        "auto",
+        "compute dtype of the quantized products (auto: the faster of float32 and bfloat16 here, measured; int8: "
+        "int8 method only, activations quantized per token too, W8A8)",
+        choices=ACT_DTYPES,
     )
     head: bool = option(True, "quantize the output head too (a tied head gets its own quantized copy)")
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.act_dtype == "int8" and self.method != "int8":
+            raise LmforgeError("act_dtype int8 (W8A8) goes with method int8; int4 layers take float32 or bfloat16.")
 
     def to_hf(self) -> dict[str, Any]:
         """config.json's quantization_config (act_dtype is a property of the machine, not of the file)."""
@@ -50,6 +55,8 @@ class QuantConfig:
         out: dict[str, Any] = {"quant_method": QUANT_METHOD, "method": self.method, "bits": bits, "head": self.head}
         if self.method == "int4":
             out["group_size"] = self.group_size
+        if self.act_dtype == "int8":  # changes the numbers, so it travels with the file (the others are speed)
+            out["act_dtype"] = "int8"
         return out
 
     @classmethod
@@ -61,7 +68,12 @@ class QuantConfig:
                 f"({QUANT_METHOD!r}, written by `lmforge quantize`); load the unquantized checkpoint instead."
             )
         try:
-            return cls(method=d["method"], group_size=d.get("group_size", 32), head=d.get("head", True))
+            return cls(
+                method=d["method"],
+                group_size=d.get("group_size", 32),
+                head=d.get("head", True),
+                act_dtype=d.get("act_dtype", "auto"),
+            )
         except KeyError as e:
             raise LmforgeError(f"{where}: quantization_config lacks {e}; re-run `lmforge quantize`.") from None
         except LmforgeError as e:
