@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import max_diff, random_ids, randomize_
+from test_train import corpus_texts
 
 import lmforge
 from lmforge import ModelConfig, Transformer
@@ -97,36 +98,13 @@ def test_masks_hold_under_any_optimizer_step():
     assert not any(".parametrizations." in k for k in model.state_dict())  # plain parameters again
 
 
-# --- data for the recovery fine-tune and the CLI -----------------------------------------------------
-def corpus() -> list[str]:
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "while",
-        "the",
-        "dog",
-        "ran",
-        "to",
-        "the",
-        "red",
-        "door",
-        "and",
-        "back",
-        "again",
-    ]
-    return [" ".join(words[(i + j) % len(words)] for j in range(40 + i % 7)) + "." for i in range(60)]
-
-
+# --- data for the recovery fine-tune and the CLI (the training tests' corpus) ------------------------
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
-    for i, text in enumerate(corpus()):
+    for i, text in enumerate(corpus_texts()):
         (root / f"doc{i:03d}.txt").write_text(text)
-    tok = Tokenizer.train(corpus(), VOCAB, "llama3", min_frequency=1)
+    tok = Tokenizer.train(corpus_texts(), VOCAB, "llama3", min_frequency=1)
     prepare([str(root / "*.txt")], tok, root / "data", val_fraction=0.1, seed=0, progress=False)
     return root / "data"
 

@@ -5,6 +5,7 @@ hf.py: HuggingFace directories (safetensors, config.json); gguf*.py: llama.cpp's
 
 from lmforge.checkpoint.hf import (
     MAX_SHARD_SIZE,
+    companion_files,
     config_from_spec,
     hf_state_dict,
     load_pretrained,
@@ -17,6 +18,7 @@ from lmforge.checkpoint.hf import (
 
 __all__ = [
     "MAX_SHARD_SIZE",
+    "companion_files",
     "config_from_spec",
     "hf_state_dict",
     "load_pretrained",

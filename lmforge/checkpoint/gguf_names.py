@@ -10,11 +10,11 @@ Shape letters: H heads (query heads for Q, kv heads for K), D head_dim, C input 
 
 from __future__ import annotations
 
-import re
 from types import ModuleType
 
 import torch
 
+from lmforge.checkpoint.hf import layer_template
 from lmforge.errors import LmforgeError
 
 # lmforge family -> llama.cpp architecture (`general.architecture`); the same words for these three.
@@ -63,15 +63,6 @@ FUSED: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
 # is derived from the config's rope scaling (gguf_config.py).
 ROPE_FREQS = ("ROPE_FREQS", "weight")
 
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def _template(name: str) -> tuple[str, str | None]:
-    m = _LAYER.search(name)
-    if m is None:
-        return name, None
-    return name[: m.start()] + ".{i}." + name[m.end() :], m.group(1)
-
 
 def gguf_name(family: str, member: str, suffix: str, layer: str | int | None = None) -> str:
     """llama.cpp's name for tensor `member` (a gguf.MODEL_TENSOR name) of layer `layer`, e.g. blk.0.attn_q.weight."""
@@ -94,7 +85,7 @@ def to_gguf_names(names: list[str], family: str) -> dict[str, tuple[str, ...]]:
     fused_by_part = {part: key for key, parts in fused.items() for part in parts}
     out: dict[str, tuple[str, ...]] = {}
     for name in names:
-        tmpl, layer = _template(name)
+        tmpl, layer = layer_template(name)
         if tmpl in fused_by_part:
             key = fused_by_part[tmpl]
             out[gguf_name(family, *key, layer)] = tuple(p.format(i=layer) for p in fused[key])

@@ -63,11 +63,18 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def _template(name: str) -> tuple[str, str | None]:
+def layer_template(name: str) -> tuple[str, str | None]:
+    """`layers.3.attn.q_proj.weight` -> (`layers.{i}.attn.q_proj.weight`, "3"); names outside the layers as
+    they are, with None."""
     m = _LAYER.search(name)
     if m is None:
         return name, None
     return name[: m.start()] + ".{i}." + name[m.end() :], m.group(1)
+
+
+def _leaf(name: str, leaf: str) -> str:
+    """A weight's name with another leaf (`...q_proj.weight` -> `...q_proj.qweight`); other names as they are."""
+    return f"{name.removesuffix('.weight')}.{leaf}" if leaf != "weight" else name
 
 
 def to_hf_names(names: list[str], family: str) -> dict[str, tuple[str, ...]]:
@@ -76,21 +83,17 @@ def to_hf_names(names: list[str], family: str) -> dict[str, tuple[str, ...]]:
     fused_by_part = {part: hf for hf, parts in FUSED.get(family, {}).items() for part in parts}
     out: dict[str, tuple[str, ...]] = {}
     for name in names:
-        tmpl, layer = _template(name)
-        leaf = None  # a quantized layer's tensors (qweight, scales, zeros): named like its weight, own leaf
+        tmpl, layer = layer_template(name)
+        leaf = "weight"  # a quantized layer's tensors (qweight, scales, zeros): named like its weight, own leaf
         if tmpl not in key_map and tmpl not in fused_by_part:
             module, _, leaf = tmpl.rpartition(".")
             tmpl = f"{module}.weight"
-
-        def renamed(n: str, leaf: str | None = leaf) -> str:
-            return n if leaf is None else f"{n.removesuffix('.weight')}.{leaf}"
-
         if tmpl in fused_by_part:
             hf_tmpl = fused_by_part[tmpl]
             parts = FUSED[family][hf_tmpl]
-            out[renamed(hf_tmpl).format(i=layer)] = tuple(renamed(p).format(i=layer) for p in parts)
+            out[_leaf(hf_tmpl, leaf).format(i=layer)] = tuple(_leaf(p, leaf).format(i=layer) for p in parts)
         else:
-            out[renamed(key_map[tmpl]).format(i=layer)] = (name,)
+            out[_leaf(key_map[tmpl], leaf).format(i=layer)] = (name,)
     return out
 
 
@@ -226,9 +229,10 @@ def load_pretrained(
         model = Transformer(config, device="meta")
     quantized: set[str] = set()  # names of quantized tensors: loaded as stored, never cast
     if hf_config.get("quantization_config"):  # hf_config.py refused any other than lmforge's
-        from lmforge.quant.quantize import QuantConfig, quantize_for_loading, quantized_layers
+        from lmforge.quant.quantize import QuantConfig, quantize, quantized_layers
 
-        quantize_for_loading(model, QuantConfig.from_hf(hf_config["quantization_config"], f"{path}/config.json"))
+        q = QuantConfig.from_hf(hf_config["quantization_config"], f"{path}/config.json")
+        quantize(model, q.method, q.group_size, act_dtype=q.act_dtype, head=q.head)  # empty layers on meta
         quantized = {f"{n}.{b}" for n, layer in quantized_layers(model).items() for b, _ in layer.named_buffers()}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     hf_to_ours = to_hf_names(list(expected), config.family)
@@ -377,6 +381,15 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> Itera
     for hf, ours in to_hf_names(list(state), model.config.family).items():
         t = state[ours[0]] if len(ours) == 1 else torch.cat([state[n] for n in ours], dim=0)
         yield hf, t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def companion_files(directory: Path) -> dict[str, str]:
+    """File name -> text of what travels with a checkpoint's weights when it is written anew (converted,
+    merged, pruned, quantized): the tokenizer's files and generation_config.json (sampling defaults)."""
+    from lmforge.tokenizer import tokenizer_files
+
+    files = [*tokenizer_files(directory), Path(directory) / "generation_config.json"]
+    return {f.name: f.read_text() for f in files if f.is_file()}
 
 
 MAX_SHARD_SIZE = "5GB"  # transformers' default shard size

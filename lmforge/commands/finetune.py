@@ -87,9 +87,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from lmforge.checkpoint import load_pretrained, save_pretrained
+    from lmforge.checkpoint import companion_files, load_pretrained, save_pretrained
     from lmforge.finetune.lora import load_adapter, merge_lora
-    from lmforge.tokenizer import tokenizer_files
     from lmforge.train.checkpoints import resolve_model_dir
 
     if not (args.model and args.adapter and args.out):
@@ -98,8 +97,7 @@ def _merge(args: argparse.Namespace) -> int:
     model = load_pretrained(base)
     load_adapter(model, resolve_model_dir(args.adapter))
     merge_lora(model)
-    extra = {f.name: f.read_text() for f in [*tokenizer_files(base), base / "generation_config.json"] if f.is_file()}
-    out = save_pretrained(model, args.out, extra_files=extra)
+    out = save_pretrained(model, args.out, extra_files=companion_files(base))
     print(f"merged {args.adapter} into {base}; wrote {out} (HF format)")
     return 0
 

@@ -96,11 +96,11 @@ def _check_convert_flags(args: argparse.Namespace, to_gguf: bool) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from lmforge.checkpoint import config_from_spec, load_pretrained, save_pretrained
+    from lmforge.checkpoint import companion_files, config_from_spec, load_pretrained, save_pretrained
     from lmforge.config import dtype_from_name
     from lmforge.info import human
     from lmforge.model import Transformer
-    from lmforge.tokenizer import Tokenizer, tokenizer_files
+    from lmforge.tokenizer import Tokenizer
 
     source, to_gguf = Path(args.source), args.out.lower().endswith(".gguf")
     _check_convert_flags(args, to_gguf)
@@ -122,10 +122,7 @@ def run_convert(args: argparse.Namespace) -> int:
     elif source.is_dir():
         model = load_pretrained(source)
         what = f"loaded {source}"
-        # Sampling defaults and the tokenizer travel with the weights.
-        for f in [*tokenizer_files(source), source / "generation_config.json"]:
-            if f.is_file():
-                extra[f.name] = f.read_text()
+        extra = companion_files(source)  # sampling defaults and the tokenizer travel with the weights
         if to_gguf and (source / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_pretrained(source)
     else:

@@ -176,7 +176,7 @@ class Int4Linear(QuantLinear):
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float32, device=device))
-        self._kernel: dict[Any, Any] = {}  # the kernel's layout, per (source tensors, dtype, row range)
+        self._kernel: dict[Any, Any] = {}  # the kernel's layout of the tensors, and scales per (dtype, row range)
 
     @staticmethod
     def supports(in_features: int, out_features: int, group_size: int) -> bool:
@@ -211,15 +211,16 @@ class Int4Linear(QuantLinear):
         return w.reshape(self.out_features, self.in_features)
 
     def _layout(self, dtype: torch.dtype, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel's packed weight and [G, b - a, 2] scales-and-zeros for rows a..b, built once."""
-        key = (id(self.qweight), id(self.scales), id(self.zeros), dtype, a, b)
-        if key not in self._kernel:
-            if not any(k[:3] == key[:3] for k in self._kernel):
-                self._kernel.clear()  # new tensors were loaded: the old layouts are stale
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked()[a:b].contiguous(), 1)
-            sz = torch.stack([self.scales[a:b].t(), self.zeros[a:b].t()], dim=-1).to(dtype).contiguous()
-            self._kernel[key] = (packed, sz)
-        return self._kernel[key]
+        """The kernel's packed weight for rows a..b (a view: the layout packs rows in blocks of 64, so a split
+        at multiples of 64 is a slice of it) and their [G, b - a, 2] scales-and-zeros in `dtype`, built once."""
+        source = (id(self.qweight), id(self.scales), id(self.zeros))
+        if self._kernel.get("source") != source:  # first use, or new tensors were loaded: rebuild
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
+            self._kernel = {"source": source, "packed": packed}
+        if (dtype, a, b) not in self._kernel:
+            sz = torch.stack([self.scales[a:b].t(), self.zeros[a:b].t()], dim=-1)  # [G, b - a, 2]
+            self._kernel[dtype, a, b] = sz.to(dtype).contiguous()
+        return self._kernel["packed"][a:b], self._kernel[dtype, a, b]
 
     def rows(self, x2: torch.Tensor, a: int, b: int) -> torch.Tensor:
         packed, sz = self._layout(x2.dtype, a, b)

@@ -46,9 +46,9 @@ def prune_checkpoint(
     """Load `model_dir` (a checkpoint or a run directory), prune it as `cfg` says, optionally recover on
     `data` (prepared shards, also the calibration data of activation scores), evaluate on `eval_data`, and
     write `out` atomically in the source's dtype with its tokenizer and generation config."""
-    from lmforge.checkpoint import load_pretrained, save_pretrained
+    from lmforge.checkpoint import companion_files, load_pretrained, save_pretrained
     from lmforge.config import dtype_from_name
-    from lmforge.tokenizer import Tokenizer, tokenizer_files
+    from lmforge.tokenizer import Tokenizer
     from lmforge.train.checkpoints import resolve_model_dir
 
     started = time.perf_counter()
@@ -97,9 +97,7 @@ def prune_checkpoint(
         recovery = recover(pruned, result.masks, data, cfg, recover_run, progress=progress)
         if eval_data is not None:
             perplexity["recovered"] = evaluate(pruned)
-    extra = {
-        f.name: f.read_text() for f in [*tokenizer_files(source), source / "generation_config.json"] if f.is_file()
-    }
+    extra = companion_files(source)
     written = save_pretrained(pruned, out, dtype=stored, extra_files=extra)
     return PruneOutcome(
         source,

@@ -108,7 +108,8 @@ def quantize(
 ) -> QuantReport:
     """Replace the model's linear layers by weight-only quantized ones, in place (see the module docstring).
 
-    The model then holds `quantization_config` (what `lmforge.save_pretrained` writes to config.json)."""
+    The model then holds `quantization_config` (what `lmforge.save_pretrained` writes to config.json). On a
+    model built on the meta device the layers are left empty, for a loader's load_state_dict(assign=True)."""
     config = QuantConfig(method, group_size, act_dtype, head)
     if quantized_layers(model):
         raise LmforgeError("this model is already quantized; load the float checkpoint to quantize it again.")
@@ -135,12 +136,6 @@ def quantize(
         )
     model.quantization_config = config.to_hf()
     return report
-
-
-def quantize_for_loading(model: Transformer, config: QuantConfig) -> QuantReport:
-    """The same replacement on a model built on the meta device: empty quantized layers, for a loader to
-    fill with load_state_dict(assign=True)."""
-    return quantize(model, config.method, config.group_size, act_dtype=config.act_dtype, head=config.head)
 
 
 @torch.no_grad()

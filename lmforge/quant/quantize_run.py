@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint import load_pretrained, save_pretrained
+from lmforge.checkpoint import companion_files, load_pretrained, save_pretrained
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import Perplexity, held_out_perplexity
 from lmforge.quant.quantize import QuantConfig, QuantReport, quantize
-from lmforge.tokenizer import tokenizer_files
 
 
 @dataclass
@@ -62,8 +61,6 @@ def quantize_checkpoint(
     report = quantize(model, cfg.method, cfg.group_size, act_dtype=cfg.act_dtype, head=cfg.head)
     if eval_data is not None:
         perplexity["quantized"] = held_out_perplexity(model, eval_data, tokenizer)
-    extra = {
-        f.name: f.read_text() for f in [*tokenizer_files(source), source / "generation_config.json"] if f.is_file()
-    }
+    extra = companion_files(source)
     save_pretrained(model, out, extra_files=extra)
     return QuantizeOutcome(source, out, report, perplexity, time.perf_counter() - t0)

@@ -72,7 +72,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer_dir: Path | None = None,
     keep_last: int = 2,
-    save_model: Callable[[Transformer, Path], Any] = save_pretrained,
+    save_model: Callable[[Transformer, Path], Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, and prune all but the last `keep_last`.
 
@@ -82,7 +82,7 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
 
     def write(tmp: Path) -> None:
-        save_model(model, tmp)
+        (save_model or save_pretrained)(model, tmp)
         if tokenizer_dir is not None:
             for f in tokenizer_files(tokenizer_dir):
                 shutil.copy2(f, tmp / f.name)

@@ -308,8 +308,9 @@ class Trainer:
                 cfg.keep_last,
                 saving.save_model,
             )
-        extra = () if saving.save_model is None else (saving.save_model,)
-        return save_checkpoint(self.run_dir, at, self.model, state, saving.tokenizer_dir, cfg.keep_last, *extra)
+        return save_checkpoint(
+            self.run_dir, at, self.model, state, saving.tokenizer_dir, cfg.keep_last, saving.save_model
+        )
 
     def _show(self, bar: Progress, record: dict[str, Any]) -> None:
         if self.budget_s is not None:  # the run ends on time: show the steps the budget will allow
