@@ -3,16 +3,22 @@
 One decode step multiplies each weight matrix by a handful of vectors. The fp32 path of PyTorch's CPU
 BLAS (MKL) runs those products on ONE thread, which reaches about 60% of this machine's memory bandwidth
 (benchmarks/RESULTS.md). Splitting the rows of the weight across `torch.get_num_threads()` threads (the
-caller plus helpers; PyTorch releases the GIL inside the kernels) reaches the bandwidth ceiling. Quantized
-layers (lmforge.quant.layers) run their own kernels on the same split. Every
+caller plus helpers; PyTorch releases the GIL inside the kernels) reaches the bandwidth ceiling. Every
 output element is still the same dot product, so results are bit-identical. bf16 goes through oneDNN,
 which already uses every thread, and is left alone.
+
+Decode steps run on one torch thread (an OpenMP team for the many small ops around the products costs more
+than it brings). The quantized layers' kernels (lmforge.quant.layers) do split their own rows over
+OpenMP threads, and much more cheaply than a hand-off to a Python thread per product (measured: int4 decode
+30 vs 50 ms per token on the qwen2.5-0.5b shape), so instead of a split they get the threads back for the
+length of their product (`kernel_threads`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from types import MethodType
 from typing import Any
 
@@ -25,7 +31,8 @@ MIN_WEIGHT = 1 << 20  # elements; below this a thread hand-off costs more than i
 
 
 class ParallelGemv:
-    """Context manager: inside it, the model's large fp32 linear layers split small-batch products."""
+    """Context manager: inside it, the model's large fp32 linear layers split small-batch products and its
+    quantized layers run their products on every thread."""
 
     def __init__(self, model: nn.Module, threads: int | None = None) -> None:
         self.model = model
@@ -34,12 +41,12 @@ class ParallelGemv:
         self.patched: list[tuple[Any, str]] = []
 
     def __enter__(self) -> ParallelGemv:
-        """Install, and hand torch's intra-op threads to the helpers until exit."""
+        """Install, and hand torch's intra-op threads to the helpers and kernels until exit."""
         self.install()
-        if self.pool is not None:
+        self.saved_threads = torch.get_num_threads()
+        if self.patched:
             # Our threads replace PyTorch's intra-op pool while decoding: its OpenMP workers would otherwise
             # spin on the cores our helpers need. At one token per step the other ops are too small to miss them.
-            self.saved_threads = torch.get_num_threads()
             torch.set_num_threads(1)
         return self
 
@@ -49,19 +56,19 @@ class ParallelGemv:
             return self
         # Exactly nn.Linear: subclasses (LoRA layers) compute more than the product and keep their forward.
         linears = [m for m in self.model.modules() if type(m) is nn.Linear and _eligible(m.weight)]
-        # Quantized layers (lmforge.quant.layers) keep their kernels and hand this object their row split.
-        quantized = [m for m in self.model.modules() if _splits_rows(m)]
+        # Quantized layers (lmforge.quant.layers) keep their kernels and ask this object for threads.
+        quantized = [m for m in self.model.modules() if hasattr(type(m), "gemv")]
         head_weight = getattr(self.model, "output_weight", None)  # None too when the head is quantized
-        if not linears and not quantized and (head_weight is None or not _eligible(head_weight)):
-            return self
-        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, thread_name_prefix="lmforge-gemv")
+        head = head_weight is not None and _eligible(head_weight)
+        if linears or head:
+            self.pool = concurrent.futures.ThreadPoolExecutor(self.threads - 1, thread_name_prefix="lmforge-gemv")
         for m in linears:
             m.forward = MethodType(_linear_forward(self), m)
             self.patched.append((m, "forward"))
         for m in quantized:
             m.gemv = self
             self.patched.append((m, "gemv"))
-        if head_weight is not None and _eligible(head_weight):
+        if head:
 
             def head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 return self.linear(model.norm(x), model.output_weight, None)
@@ -71,8 +78,7 @@ class ParallelGemv:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            torch.set_num_threads(self.saved_threads)
+        torch.set_num_threads(self.saved_threads)
         self.remove()
 
     def remove(self) -> None:
@@ -84,51 +90,40 @@ class ParallelGemv:
             self.pool = None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear, with a small-batch product's rows split over the threads (bit-identical)."""
         x2 = x.reshape(-1, x.shape[-1])  # [M, in]
-        out = self.split(x2, weight.shape[0], lambda x2, a, b, o: torch.mm(x2, weight[a:b].t(), out=o))
-        if out is None:
+        rows, n_out = x2.shape[0], weight.shape[0]
+        if self.pool is None or rows > MAX_ROWS or torch.is_grad_enabled():  # prefill, training: BLAS's own
             return F.linear(x, weight, bias)
-        if bias is not None:
-            out += bias
-        return out.view(*x.shape[:-1], weight.shape[0])
-
-    def split(
-        self,
-        x2: torch.Tensor,
-        n_out: int,
-        rows_into: Callable[[torch.Tensor, int, int, torch.Tensor], None],
-        align: int = 1,
-        out_dtype: torch.dtype | None = None,
-    ) -> torch.Tensor | None:
-        """x2 [M, in] times a weight of `n_out` rows, the rows split over the threads: `rows_into(x2, a, b, out)`
-        writes output columns a..b (the split points are multiples of `align`; the output is `out_dtype`,
-        default x2's). None when the product is not
-        small enough to gain (prefill, training): the caller computes it whole."""
-        rows = x2.shape[0]
-        if self.pool is None or rows > MAX_ROWS or torch.is_grad_enabled():
-            return None
-        out = torch.empty(rows, n_out, dtype=out_dtype or x2.dtype, device=x2.device)  # [M, out]
-        bounds = [n_out * i // self.threads // align * align for i in range(self.threads)] + [n_out]
+        out = torch.empty(rows, n_out, dtype=x2.dtype, device=x2.device)  # [M, out]
+        bounds = [n_out * i // self.threads for i in range(self.threads)] + [n_out]
         parts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-        jobs = [self.pool.submit(_in_inference, rows_into, x2, a, b, out[:, a:b]) for a, b in parts[1:]]
-        a, b = parts[0]
-        _in_inference(rows_into, x2, a, b, out[:, a:b])  # this thread's share
+        jobs = [self.pool.submit(_rows_into, x2, weight, a, b, out[:, a:b]) for a, b in parts[1:]]
+        _rows_into(x2, weight, *parts[0], out[:, parts[0][0] : parts[0][1]])  # this thread's share
         for job in jobs:
             job.result()
-        return out
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], n_out)
+
+    @contextlib.contextmanager
+    def kernel_threads(self) -> Iterator[None]:
+        """Every thread for one product of a kernel that splits its own work (the quantized layers')."""
+        inside = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(inside)
 
 
 def _eligible(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() >= MIN_WEIGHT
 
 
-def _splits_rows(m: nn.Module) -> bool:
-    return hasattr(m, "rows_into") and hasattr(type(m), "gemv") and m.in_features * m.out_features >= MIN_WEIGHT
-
-
-def _in_inference(rows_into: Callable[..., None], *args: Any) -> None:
+def _rows_into(x2: torch.Tensor, weight: torch.Tensor, a: int, b: int, out: torch.Tensor) -> None:
     with torch.inference_mode():  # grad/inference mode is per thread: the helper needs it set too
-        rows_into(*args)
+        torch.mm(x2, weight[a:b].t(), out=out)
 
 
 def _linear_forward(ctx: ParallelGemv) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:

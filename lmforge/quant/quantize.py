@@ -197,29 +197,23 @@ def resolve_act_dtype(config: QuantConfig) -> torch.dtype:
 
 @functools.cache
 def _fastest_act_dtype(method: str, group_size: int) -> torch.dtype:
-    """Time a decode-sized product of the kernel in fp32 and in bf16 on one thread (decode steps run on one
-    torch thread; lmforge.generate.gemv splits the rows), the best of a few calls after a first that may
-    build kernels; the faster wins."""
+    """Time a decode-sized product of the kernel in fp32 and in bf16 (on torch's threads, as decode steps run
+    it), the best of a few calls after a first that may build kernels; the faster wins."""
     k, n = 1024, 1024
     linear = nn.Linear(k, n, bias=False)
     times = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for dtype in (torch.float32, torch.bfloat16):
-            if method == "int8":
-                layer: QuantLinear = Int8Linear.from_linear(linear, dtype)
-            else:
-                layer = Int4Linear.from_linear(linear, dtype, group_size)
-            x = torch.randn(1, k, dtype=dtype)
-            with torch.inference_mode():
+    for dtype in (torch.float32, torch.bfloat16):
+        if method == "int8":
+            layer: QuantLinear = Int8Linear.from_linear(linear, dtype)
+        else:
+            layer = Int4Linear.from_linear(linear, dtype, group_size)
+        x = torch.randn(1, k, dtype=dtype)
+        with torch.inference_mode():
+            layer.product(x)
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
                 layer.product(x)
-                best = float("inf")
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    layer.product(x)
-                    best = min(best, time.perf_counter() - t0)
-            times[dtype] = best
-    finally:
-        torch.set_num_threads(threads)
+                best = min(best, time.perf_counter() - t0)
+        times[dtype] = best
     return min(times, key=times.__getitem__)
