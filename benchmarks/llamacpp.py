@@ -10,13 +10,14 @@
    first step's logits are compared. llama.cpp runs with an f32 KV cache here, so only the export and the
    two implementations' arithmetic differ.
 3. Speed. A random model with the qwen2.5-0.5b shape is exported to f32 / q8_0 / q4_0. Decode tokens/s of
-   lmforge in fp32 / bf16 / int8 / int4 (`lmforge.quantize`, group size 32 like the q8_0 / q4_0 blocks)
-   against llama.cpp on the matching file (fp32 and bf16 against f32, int8 against q8_0, int4 against
-   q4_0): same weights, same thread count, one process, the two alternating round by round, one pair in
-   memory at a time. Decode is tgN as llama-bench and `lmforge bench` measure it: N one-token forward
-   passes (each followed by an argmax) from an empty context; lmforge's side is `lmforge.generate.bench`'s.
+   lmforge in fp32 / bf16 / int8 / w8a8 / int4 (`lmforge.quantize`, group size 32 like the q8_0 / q4_0
+   blocks; w8a8 is int8 with `act_dtype="int8"`) against llama.cpp on the matching file (fp32 and bf16
+   against f32, int8 and w8a8 against q8_0, int4 against q4_0): same weights, same thread count, one
+   process, the two alternating round by round, one pair in memory at a time. Decode is tgN as llama-bench
+   and `lmforge bench` measure it: N one-token forward passes (each followed by an argmax) from an empty
+   context; lmforge's side is `lmforge.generate.bench`'s.
 
-    python benchmarks/llamacpp.py                  # goal: int8 / q8_0 and int4 / q4_0 >= 0.8x
+    python benchmarks/llamacpp.py                  # goal: int8 (or w8a8) / q8_0 and int4 / q4_0 >= 0.8x
     python benchmarks/llamacpp.py --record         # also append the results to benchmarks/RESULTS.md
 """
 
@@ -62,6 +63,7 @@ PAIRS: tuple[tuple[str, str, float | None], ...] = (
     ("fp32", "f32", None),
     ("bf16", "f32", None),
     ("int8", "q8_0", 0.8),
+    ("w8a8", "q8_0", 0.8),  # int8 with activations quantized per row too: what q8_0's products do
     ("int4", "q4_0", 0.8),
 )
 TEXT = (
@@ -201,16 +203,14 @@ def export_gguf(model_dir: Path, out: Path, quant: str) -> float:
     return time.perf_counter() - t0
 
 
-def lmforge_variant(model_dir: Path, name: str) -> Transformer | str:
-    """lmforge's model in precision `name` loaded from `model_dir`, or why it cannot be built."""
+def lmforge_variant(model_dir: Path, name: str) -> Transformer:
+    """lmforge's model in precision `name` loaded from `model_dir`."""
     if name in ("fp32", "bf16"):
         return lmforge.load_pretrained(model_dir, dtype=torch.float32 if name == "fp32" else torch.bfloat16).eval()
-    quantize = getattr(lmforge, "quantize", None)
-    if quantize is None:
-        return "lmforge.quantize is not importable yet (lmforge/quant/)"
     model = lmforge.load_pretrained(model_dir, dtype=torch.float32)
-    result = quantize(model, method=name, group_size=32)
-    return (result if isinstance(result, Transformer) else model).eval()  # a pass may work in place
+    method, act = ("int8", "int8") if name == "w8a8" else (name, "auto")
+    lmforge.quantize(model, method=method, group_size=32, act_dtype=act)
+    return model.eval()
 
 
 # --- llama.cpp ---------------------------------------------------------------------------------------------
@@ -306,9 +306,9 @@ def alternate(a: Callable[[int], float], b: Callable[[int], float], args: argpar
 
 
 def measure_speed(lib: ModuleType, work: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, int]]:
-    """Per lmforge precision: (its tokens/s, its llama.cpp file's tokens/s) measured side by side, or why it
-    was skipped; and the size of each exported file. One pair is in memory at a time (the fp32 pair alone
-    holds 4 GB), so that a shared machine's page cache keeps both sides' weights."""
+    """Per lmforge precision: (its tokens/s, its llama.cpp file's tokens/s) measured side by side; and the
+    size of each exported file. One pair is in memory at a time (the fp32 pair alone holds 4 GB), so that a
+    shared machine's page cache keeps both sides' weights."""
     model_dir = work / f"{args.model}-random"
     if not (model_dir / "config.json").is_file():
         torch.manual_seed(0)
@@ -325,10 +325,6 @@ def measure_speed(lib: ModuleType, work: Path, args: argparse.Namespace) -> tupl
     generator = torch.Generator().manual_seed(0)
     for ours, theirs in pairs:
         model = lmforge_variant(model_dir, ours)
-        if isinstance(model, str):
-            results[ours] = model
-            print(f"lmforge {ours}: skipped, {model}", flush=True)
-            continue
         if loaded is None or loaded[0] != theirs:
             if loaded is not None:
                 loaded[1].close()
@@ -353,9 +349,6 @@ def speed_table(results: dict[str, Any], sizes: dict[str, int]) -> list[str]:
         if ours not in results:
             continue
         file = f"{sizes[theirs] / 1e6:.0f} MB" if theirs in sizes else "-"
-        if isinstance(results[ours], str):
-            lines.append(f"| {ours} | skipped: {results[ours]} | {theirs} | {file} | | | |")
-            continue
         a, b = results[ours]
         x = statistics.median(a) / statistics.median(b)
         verdict = "" if goal is None else f">= {goal}x: {'met' if x >= goal else 'NOT met'}"

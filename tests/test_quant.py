@@ -156,6 +156,50 @@ def test_int4_keeps_layers_its_kernel_cannot_take_in_float():
     assert "kept in float" in str(report)
 
 
+def storage_bytes(model: nn.Module) -> int:
+    storages = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in model.buffers()}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("method,act", [("int8", "bfloat16"), ("int4", "float32"), ("int8", "int8")])
+def test_siblings_share_one_product_of_their_stacked_weights(tmp_path, method, act):
+    model = model_of("tiny-qwen2")  # q/k/v with biases: each layer adds its own after the shared product
+    quantize(model, method, 32, act_dtype=act)
+    alone = model_of("tiny-qwen2")
+    quantize(alone, method, 32, act_dtype=act)
+    for layer in quantized_layers(alone).values():
+        layer.shared = None
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared is not None
+    assert mlp.gate_proj.shared is mlp.up_proj.shared is not mlp.down_proj.shared
+    before = storage_bytes(model)
+    calls = []
+    kind = type(attn.q_proj)
+    kernel = kind.kernel
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kind, "kernel", lambda layer, xa: calls.append(layer.out_features) or kernel(layer, xa))
+        shared = model(ids)
+        assert torch.equal(shared, alone(ids))  # the same dot products: bit-identical
+    c = model.config
+    qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    assert calls[:4] == [qkv, c.hidden_size, 2 * c.intermediate_size, c.hidden_size]  # one block: 4 products
+    assert len(calls) == (4 * c.num_layers + 1) + (7 * c.num_layers + 1)  # shared, then alone; with the heads
+    # the layers' tensors became rows of the stacked ones: no second copy of any weight
+    assert attn.k_proj.qweight.untyped_storage().data_ptr() == attn.q_proj.qweight.untyped_storage().data_ptr()
+    assert storage_bytes(model) == before
+    # a sibling called alone, on an input of its own, still gets its own product
+    x = torch.randn(3, c.hidden_size)
+    with torch.inference_mode():
+        assert torch.equal(attn.v_proj(x), alone.layers[0].attn.v_proj(x))
+    lmforge.save_pretrained(model, tmp_path)  # the row views save as one tensor per layer
+    back = lmforge.load_pretrained(tmp_path)
+    for layer in quantized_layers(back).values():  # a file keeps W8A8 only: the float act dtype is measured
+        layer.act_dtype = getattr(torch, act)
+    with torch.inference_mode():
+        assert torch.equal(back(ids), shared)
+
+
 def test_dequantize_gives_back_a_float_model_that_computes_the_same():
     model = model_of("tiny-qwen2")
     quantize(model, "int8", act_dtype="float32", head=False)
@@ -214,9 +258,9 @@ def test_decode_steps_lend_the_kernels_every_thread(monkeypatch, method, act):
     quantize(model, method, 32, act_dtype=act)
     ids = torch.randint(0, model.config.vocab_size, (3, 1))
     seen = []
-    for layer in quantized_layers(model).values():
-        kernel = layer.kernel
-        monkeypatch.setattr(layer, "kernel", lambda xa, k=kernel: seen.append(torch.get_num_threads()) or k(xa))
+    kind = type(model.lm_head)
+    kernel = kind.kernel
+    monkeypatch.setattr(kind, "kernel", lambda layer, xa: seen.append(torch.get_num_threads()) or kernel(layer, xa))
     torch.set_num_threads(2)
     with torch.inference_mode():
         whole = model(ids)
@@ -225,8 +269,8 @@ def test_decode_steps_lend_the_kernels_every_thread(monkeypatch, method, act):
             assert torch.get_num_threads() == 1  # the small ops of a decode step run on one thread...
             parts = model(ids)
         assert torch.get_num_threads() == 2  # ...until the context ends
-    n = len(quantized_layers(model))
-    assert seen == [2] * (2 * n)  # ...and every product on both
+    products = 4 * model.config.num_layers + 1  # q/k/v as one, o, gate/up as one, down; the head
+    assert seen == [2] * (2 * products)  # ...and every product on both
     assert torch.equal(whole, parts)
     assert all(m.gemv is None for m in quantized_layers(model).values())  # removed again
 

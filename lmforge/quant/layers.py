@@ -56,6 +56,7 @@ class QuantLinear(nn.Module):
 
     bits: int = 0
     gemv: Any = None  # a ParallelGemv while one is installed (lmforge.generate.gemv): it lends the threads
+    shared: Any = None  # a SharedInput when siblings read the same input (lmforge.quant.shared_input)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, act_dtype: torch.dtype, device: Any) -> None:
         super().__init__()
@@ -66,6 +67,8 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if torch.is_grad_enabled() and x2.requires_grad:
             y = _WeightOnlyMatmul.apply(x2, self)
+        elif self.shared is not None and x2.device.type == "cpu":
+            y = self.shared.product(self, x)
         else:
             y = self.product(x2)
         y = y.to(x.dtype)  # [M, N]
@@ -100,6 +103,10 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The weight [N, K] in fp32."""
+        raise NotImplementedError
+
+    def empty_like(self, out_features: int) -> QuantLinear:
+        """A layer of the same kind and settings with `out_features` outputs, no bias, on the meta device."""
         raise NotImplementedError
 
     def weight_bytes(self) -> int:
@@ -144,6 +151,9 @@ class Int8Linear(QuantLinear):
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales[:, None]
+
+    def empty_like(self, out_features: int) -> Int8Linear:
+        return Int8Linear(self.in_features, out_features, act_dtype=self.act_dtype, device="meta")
 
     def activations(self, x2: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
         if self.act_dtype != torch.int8:
@@ -246,6 +256,11 @@ class Int4Linear(QuantLinear):
         q = self.unpacked().float().reshape(self.out_features, -1, self.group_size)  # [N, G, g]
         w = (q - 8) * self.scales[..., None] + self.zeros[..., None]
         return w.reshape(self.out_features, self.in_features)
+
+    def empty_like(self, out_features: int) -> Int4Linear:
+        return Int4Linear(
+            self.in_features, out_features, group_size=self.group_size, act_dtype=self.act_dtype, device="meta"
+        )
 
     def _layout(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's packed weight and its [G, N, 2] scales-and-zeros in `dtype`, built once."""

@@ -24,6 +24,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.options import option, validate
 from lmforge.quant.layers import INT4_GROUP_SIZES, Int4Linear, Int8Linear, QuantLinear
+from lmforge.quant.shared_input import share_inputs
 
 METHODS = ("int8", "int4")
 ACT_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -134,6 +135,7 @@ def quantize(
             f"no layer of this model has a shape the {method} kernel takes (int4: out features a multiple of 16, "
             f"in features of --group-size {group_size}); try int8 or a smaller group size."
         )
+    share_inputs(model)  # q/k/v and gate/up: one kernel call each
     model.quantization_config = config.to_hf()
     return report
 

@@ -1,0 +1,94 @@
+"""Quantized layers that multiply the same input share one kernel call: q/k/v, and gate/up.
+
+A decode step multiplies a single row by each weight; at that size a product's fixed costs (casting the
+input, handing the kernel its threads, the kernel's own set-up) are a large part of its time. Attention
+feeds one tensor to q_proj, k_proj and v_proj, and the MLP one to gate_proj and up_proj, so the first of
+them to run computes the product of the stacked weight ([N_q + N_k + N_v, K]) and the others take their
+columns of it: 4 kernel calls per block instead of 7. Each output element is the same dot product as
+before, so results are bit-identical (tested).
+
+The stacked weight is the only copy: each layer's buffers become row slices of it, so a checkpoint still
+holds one tensor per layer and the memory does not grow. The model file is untouched; it is enough that it
+passes the same tensor object to the siblings, which every forward here does. A layer called with another
+input than its siblings' computes the group's product again (correct, only slower).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lmforge.quant.layers import QuantLinear
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # attributes that read one input
+
+
+class SharedInput:
+    """One product for several quantized layers of the same kind and input size (see the module docstring)."""
+
+    def __init__(self, layers: Sequence[QuantLinear]) -> None:
+        self.layers = list(layers)
+        self.sizes = [m.out_features for m in self.layers]
+        self.stacked: QuantLinear | None = None
+        self.source: tuple[int, ...] = ()  # ids of the layers' buffers the stacked layer was made of
+        self.input: torch.Tensor | None = None  # held while some layer has not taken its columns yet
+        self.outputs: dict[int, torch.Tensor] = {}  # id(layer) -> its columns of the last product
+
+    def product(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        """What `layer.product(x.reshape(-1, K))` returns, computed once for all the layers per input."""
+        if self.input is not x or id(layer) not in self.outputs:
+            stacked = self.stack()
+            stacked.gemv = layer.gemv  # the decode threads, while a ParallelGemv lends them
+            y = stacked.product(x.reshape(-1, stacked.in_features)).to(x.dtype)  # [M, sum(N)]: one cast for all
+            self.outputs = {id(m): part for m, part in zip(self.layers, y.split(self.sizes, dim=1), strict=True)}
+            self.input = x
+        out = self.outputs.pop(id(layer))
+        if not self.outputs:
+            self.input = None
+        return out
+
+    def stack(self) -> QuantLinear:
+        """The stacked layer; built on first use, and again when a loader replaced a layer's tensors."""
+        if self.stacked is None or self._buffer_ids() != self.source:
+            first = self.layers[0]
+            stacked = first.empty_like(sum(self.sizes))
+            for name, _ in first.named_buffers(recurse=False):
+                setattr(stacked, name, torch.cat([getattr(m, name) for m in self.layers]))
+            start = 0
+            for m in self.layers:  # the layers now read (and save) their rows of the stacked tensors
+                for name, buffer in stacked.named_buffers(recurse=False):
+                    setattr(m, name, buffer[start : start + m.out_features])
+                start += m.out_features
+            self.stacked, self.source = stacked, self._buffer_ids()
+        return self.stacked
+
+    def _buffer_ids(self) -> tuple[int, ...]:
+        return tuple(id(b) for m in self.layers for b in m.buffers(recurse=False))
+
+
+def share_inputs(model: nn.Module) -> int:
+    """Group the quantized sibling layers of every block (SIBLINGS); returns how many groups were made."""
+    groups = 0
+    for module in model.modules():
+        for names in SIBLINGS:
+            layers = [getattr(module, name, None) for name in names]
+            if all(isinstance(m, QuantLinear) for m in layers) and _alike(layers):
+                group = SharedInput(layers)
+                for m in layers:
+                    m.shared = group
+                groups += 1
+    return groups
+
+
+def _alike(layers: list[QuantLinear]) -> bool:
+    """One kernel can compute them all: same class, input size, compute dtype and group size."""
+    first = layers[0]
+    return all(
+        type(m) is type(first)
+        and m.in_features == first.in_features
+        and m.act_dtype == first.act_dtype
+        and getattr(m, "group_size", None) == getattr(first, "group_size", None)
+        for m in layers
+    )
