@@ -49,6 +49,19 @@ def matvec_bandwidth(dtype: torch.dtype, seconds: float = 1.0) -> float:
     return best
 
 
+def read_bandwidth(seconds: float = 1.0) -> float:
+    """Bytes/s of a streaming read on every thread (the sum of a 1 GiB fp32 tensor): the memory's ceiling,
+    which a BLAS's matrix-vector product need not reach (MKL's fp32 one does not on AMD CPUs seen here)."""
+    t = torch.ones(1 << 28)
+    t.sum()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        t.sum()
+        best = max(best, t.numel() * t.element_size() / (time.perf_counter() - t0))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="quickstart", help="'quickstart' or a preset name (random weights)")

@@ -186,9 +186,16 @@ def chat_model(tmp_path_factory) -> tuple[Path, Path]:
     return root / "model", root / "chat.jsonl"
 
 
-@pytest.mark.parametrize("method,strategy", [("full", "ddp"), ("lora", "ddp"), ("lora", "fsdp")])
-def test_finetune_under_ddp_and_fsdp_equals_one_process(tmp_path, chat_model, method, strategy):
+@pytest.mark.parametrize(
+    "method,strategy,quant", [("full", "ddp", ""), ("lora", "ddp", ""), ("lora", "fsdp", ""), ("lora", "fsdp", "int4")]
+)
+def test_finetune_under_ddp_and_fsdp_equals_one_process(tmp_path, chat_model, method, strategy, quant):
     model, chats = chat_model
+    if quant:  # QLoRA: adapters over a frozen int4 base, the quantized buffers replicated on every rank
+        cmd = [sys.executable, "-m", "lmforge", "quantize", "--model", str(model), "--out", str(tmp_path / "q")]
+        r = subprocess.run([*cmd, "--method", quant], capture_output=True, text=True, env=env(), timeout=300)
+        assert r.returncode == 0, r.stderr
+        model = tmp_path / "q"
     base = ["--model", str(model), "--data", str(chats), "--steps", "3", "--batch-size", "2", "--seq-len", "48"]
     base += ["--eval-every", "0", "--save-every", "0", "--method", method, "--dtype", "float32", "--lr", "1e-3"]
 

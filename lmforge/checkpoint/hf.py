@@ -229,10 +229,9 @@ def load_pretrained(
         model = Transformer(config, device="meta")
     quantized: set[str] = set()  # names of quantized tensors: loaded as stored, never cast
     if hf_config.get("quantization_config"):  # hf_config.py refused any other than lmforge's
-        from lmforge.quant.quantize import QuantConfig, quantize, quantized_layers
+        from lmforge.quant.quantize import quantize_as, quantized_layers
 
-        q = QuantConfig.from_hf(hf_config["quantization_config"], f"{path}/config.json")
-        quantize(model, q.method, q.group_size, act_dtype=q.act_dtype, head=q.head)  # empty layers on meta
+        quantize_as(model, hf_config["quantization_config"], f"{path}/config.json")  # empty layers on meta
         quantized = {f"{n}.{b}" for n, layer in quantized_layers(model).items() for b, _ in layer.named_buffers()}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     hf_to_ours = to_hf_names(list(expected), config.family)

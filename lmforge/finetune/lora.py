@@ -262,6 +262,10 @@ class QLoraLinear(_LowRank, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._update(x, self.base_layer(x))
 
+    def replicate_onto(self, base: QuantLinear) -> QLoraLinear:
+        """The same adapter shape around another quantized base (see LoraLinear.replicate_onto)."""
+        return QLoraLinear(base, self.r, self.alpha, self.dropout_p)
+
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """A float nn.Linear: the dequantized weight plus scaling * B @ A (merging gives up the quantization)."""

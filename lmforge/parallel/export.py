@@ -7,6 +7,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from lmforge.model import Transformer
+from lmforge.quant.quantize import quantize_as
 from lmforge.runtime import is_rank0
 
 
@@ -29,6 +30,9 @@ def gather_model(module: nn.Module) -> Transformer | None:
         return None
     source = _unwrap(module)
     plain = Transformer(source.config, device="meta")
+    quantization = getattr(source, "quantization_config", None)
+    if quantization is not None:  # a quantized base (QLoRA): the same empty quantized layers, to be filled
+        quantize_as(plain, quantization, "the trained model")
     # Layers added from outside the model (LoRA) say how to rebuild themselves around the plain layer.
     for name, layer in source.named_modules():
         if hasattr(layer, "replicate_onto"):

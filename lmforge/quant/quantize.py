@@ -140,6 +140,13 @@ def quantize(
     return report
 
 
+def quantize_as(model: Transformer, quantization_config: dict[str, Any], where: str = "config.json") -> QuantReport:
+    """`quantize` with the settings a quantized model or checkpoint records (its `quantization_config`):
+    how loaders rebuild a quantized model's empty layers on the meta device before filling them."""
+    q = QuantConfig.from_hf(quantization_config, where)
+    return quantize(model, q.method, q.group_size, act_dtype=q.act_dtype, head=q.head)
+
+
 @torch.no_grad()
 def dequantize(model: Transformer) -> Transformer:
     """The inverse pass, in place: every quantized layer becomes a float nn.Linear holding its dequantized
