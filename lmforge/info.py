@@ -63,8 +63,11 @@ def format_stats(name: str, stats: dict[str, Any]) -> str:
         f"  weights             {human(stats['bytes_fp32'], 'B')} fp32, {human(stats['bytes_bf16'], 'B')} bf16",
         f"  KV cache            {human(stats['kv_cache_bytes_per_token'], 'B')} per token (bf16)",
         f"  training FLOPs      {human(stats['flops_per_token'])} per token at seq_len {stats['flops_seq_len']}",
-        "  config",
     ]
+    if "file" in stats:  # a GGUF file: its size and tensor types
+        types = ", ".join(f"{n} {t}" for t, n in stats["file"]["tensor_types"].items())
+        lines.append(f"  file                {human(stats['file']['bytes'], 'B')}, tensors: {types}")
+    lines.append("  config")
     for k, v in stats["config"].items():
         if k != "source" or v:
             lines.append(f"    {k:<24}{v}")

@@ -389,6 +389,13 @@ def test_cli_convert_both_ways(toks: dict[str, Tokenizer], tmp_path: Path, capsy
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--quant", "q8_0"]) == 0
     assert "q8_0; tokenizer embedded" in capsys.readouterr().out
     assert tensor_types(tmp_path / "m.gguf")["token_embd.weight"] == Q.Q8_0
+    # `lmforge info` reads the GGUF's metadata: the same model as the directory, and what the file stores
+    for spec in (tmp_path / "hf", tmp_path / "m.gguf"):
+        assert main(["info", str(spec), "--json"]) == 0
+    from_dir, from_gguf = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert from_gguf["params"] == from_dir["params"] and from_gguf["config"]["family"] == "qwen2"
+    kinds = [t.name for t in tensor_types(tmp_path / "m.gguf").values()]
+    assert from_gguf["file"]["tensor_types"] == {k: kinds.count(k) for k in set(kinds)} and "file" not in from_dir
     assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "back")]) == 0
     assert str(tmp_path / "back") in capsys.readouterr().out
     files = {p.name for p in (tmp_path / "back").iterdir()}
@@ -436,4 +443,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("lmforge convert: error: ") and words in err, (argv, err)
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
+    assert main(["info", str(tmp_path / "bad.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lmforge info: error: " in err and "not a readable GGUF" in err, err
     # (tests/test_errors.py runs the CLI as a process: an LmforgeError is one line on stderr and exit 2)

@@ -61,6 +61,24 @@ def _shapes(reader: Any) -> dict[str, tuple[int, ...]]:
     return {t.name: tuple(reversed([int(d) for d in t.shape])) for t in reader.tensors}
 
 
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether `path` is a file that starts with GGUF's magic bytes."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def gguf_tensor_types(path: str | os.PathLike) -> dict[str, int]:
+    """How many tensors of each type (F32, Q8_0, Q4_K, ...) the GGUF file holds, most frequent first."""
+    reader, _ = _open(Path(path))
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def read_gguf_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig a GGUF file describes (reads the metadata and the small rope_freqs tensor only)."""
     path = Path(path)

@@ -135,7 +135,8 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 
 
 def config_from_spec(spec: str | os.PathLike) -> ModelConfig:
-    """A preset name, an HF checkpoint directory, or a config file (HF config.json or an lmforge dict)."""
+    """A preset name, an HF checkpoint directory, a GGUF file, or a config file (HF config.json or an
+    lmforge dict)."""
     from lmforge.errors import suggest
     from lmforge.presets import PRESETS
 
@@ -145,6 +146,10 @@ def config_from_spec(spec: str | os.PathLike) -> ModelConfig:
     if path.is_dir():
         return ModelConfig.from_hf(read_hf_config(path))
     if path.is_file():
+        from lmforge.checkpoint.gguf_read import is_gguf, read_gguf_config
+
+        if is_gguf(path) or path.suffix.lower() == ".gguf":  # llama.cpp's file: its metadata describes the model
+            return read_gguf_config(path)
         try:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

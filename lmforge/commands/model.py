@@ -14,7 +14,9 @@ from lmforge.info import FLOPS_SEQ_LEN
 
 # --- info ------------------------------------------------------------------------------------------
 def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", help="a preset name, an HF checkpoint directory, or a config.json")
+    p.add_argument(
+        "model", nargs="?", help="a preset name, an HF checkpoint directory, a .gguf file, or a config.json"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument(
         "--seq-len",
@@ -28,6 +30,7 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 @command("info", "parameters, memory, KV-cache and FLOPs of a preset or checkpoint", _info_args)
 def run_info(args: argparse.Namespace) -> int:
     from lmforge.checkpoint import config_from_spec
+    from lmforge.checkpoint.gguf_read import gguf_tensor_types, is_gguf
     from lmforge.config import ModelConfig, list_presets
     from lmforge.info import format_stats, human, model_stats
 
@@ -48,6 +51,8 @@ def run_info(args: argparse.Namespace) -> int:
         raise LmforgeError("--seq-len must be positive.")
     config = config_from_spec(args.model)
     stats = model_stats(config, args.seq_len)
+    if is_gguf(args.model):  # what the file stores, as llama.cpp reports it on load
+        stats["file"] = {"bytes": Path(args.model).stat().st_size, "tensor_types": gguf_tensor_types(args.model)}
     print(json.dumps(stats) if args.json else format_stats(args.model, stats))
     return 0
 
