@@ -14,9 +14,7 @@ from lmforge.info import FLOPS_SEQ_LEN
 
 # --- info ------------------------------------------------------------------------------------------
 def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "model", nargs="?", help="a preset name, an HF checkpoint directory, a .gguf file, or a config.json"
-    )
+    p.add_argument("model", nargs="?", help="a preset name, an HF checkpoint directory, a .gguf file, or a config.json")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument(
         "--seq-len",
