@@ -65,7 +65,8 @@ class SharedInput:
         return self.stacked
 
     def _buffer_ids(self) -> tuple[int, ...]:
-        return tuple(id(b) for m in self.layers for b in m.buffers(recurse=False))
+        # checked on every product: the _buffers dicts directly, not named_buffers' generators (10x slower)
+        return tuple(id(b) for m in self.layers for b in m._buffers.values())
 
 
 def share_inputs(model: nn.Module) -> int:
