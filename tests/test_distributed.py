@@ -119,6 +119,9 @@ def test_a_two_rank_checkpoint_resumes_in_one_process_on_the_same_curve(tmp_path
     assert whole.returncode == 0, whole.stderr
     first = pretrain(*base, "--out", str(tmp_path / "split"), "--parallel", "fsdp", nproc=2)
     assert first.returncode == 0, first.stderr[-3000:]
+    # Again without --resume: rank 0 refuses, and every rank stops with its one-line reason (none hangs).
+    again = pretrain(*base, "--out", str(tmp_path / "split"), "--parallel", "fsdp", nproc=2)
+    assert again.returncode != 0 and again.stderr.count("already holds a run") == 2, again.stderr[-3000:]
     rest = pretrain(*base, "--out", str(tmp_path / "split"), "--grad-accum", "2", "--steps", "6", "--resume")
     assert rest.returncode == 0, rest.stderr
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")

@@ -67,8 +67,8 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if torch.is_grad_enabled() and x2.requires_grad:
             y = _WeightOnlyMatmul.apply(x2, self)
-        elif self.shared is not None and x2.device.type == "cpu":
-            y = self.shared.product(self, x)
+        elif self.shared is not None and x2.device.type == "cpu" and not torch.compiler.is_compiling():
+            y = self.shared.product(self, x)  # (its bookkeeping would break a compiled graph: alone there)
         else:
             y = self.product(x2)
         y = y.to(x.dtype)  # [M, N]

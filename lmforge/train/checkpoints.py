@@ -317,11 +317,23 @@ def resume_point(
     run_dir: Path, resume: bool, overwrite: bool, sources: tuple[str | os.PathLike, ...] = ()
 ) -> Path | None:
     """`checkpoint_to_resume` for every rank of a torchrun job: rank 0 decides (and may clear the directory or
-    remove a dead writer's leftovers) before the other ranks look, so only one process ever changes it."""
-    from lmforge.runtime import barrier, is_rank0
+    remove a dead writer's leftovers) and tells the others its answer, or its error. They must not look
+    for themselves: by then rank 0 may have begun writing the new run, which would read as an existing one."""
+    import torch.distributed as dist
 
-    ckpt = checkpoint_to_resume(run_dir, resume, overwrite, sources=sources) if is_rank0() else None
-    barrier()
-    if not is_rank0():
-        ckpt = checkpoint_to_resume(run_dir, resume, False, sources=sources)
-    return ckpt
+    from lmforge.runtime import is_rank0
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return checkpoint_to_resume(run_dir, resume, overwrite, sources=sources)
+    outcome: list[Any] = [None]
+    if is_rank0():
+        try:
+            ckpt = checkpoint_to_resume(run_dir, resume, overwrite, sources=sources)
+            outcome = [("checkpoint", None if ckpt is None else str(ckpt))]
+        except LmforgeError as e:
+            outcome = [("error", str(e))]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise LmforgeError(value)
+    return None if value is None else Path(value)
