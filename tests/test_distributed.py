@@ -189,28 +189,32 @@ def chat_model(tmp_path_factory) -> tuple[Path, Path]:
     return root / "model", root / "chat.jsonl"
 
 
+def finetune(*args: str, nproc: int = 0) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    launcher += ["--master-port", str(free_port())]
+    cmd = [*(launcher if nproc else [sys.executable]), "-m", "lmforge", "finetune", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+
+
+def quantized_copy(model: Path, out: Path, method: str) -> Path:
+    cmd = [sys.executable, "-m", "lmforge", "quantize", "--model", str(model), "--out", str(out), "--method", method]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 @pytest.mark.parametrize(
     "method,strategy,quant", [("full", "ddp", ""), ("lora", "ddp", ""), ("lora", "fsdp", ""), ("lora", "fsdp", "int4")]
 )
 def test_finetune_under_ddp_and_fsdp_equals_one_process(tmp_path, chat_model, method, strategy, quant):
     model, chats = chat_model
     if quant:  # QLoRA: adapters over a frozen int4 base, the quantized buffers replicated on every rank
-        cmd = [sys.executable, "-m", "lmforge", "quantize", "--model", str(model), "--out", str(tmp_path / "q")]
-        r = subprocess.run([*cmd, "--method", quant], capture_output=True, text=True, env=env(), timeout=300)
-        assert r.returncode == 0, r.stderr
-        model = tmp_path / "q"
+        model = quantized_copy(model, tmp_path / "q", quant)
     base = ["--model", str(model), "--data", str(chats), "--steps", "3", "--batch-size", "2", "--seq-len", "48"]
     base += ["--eval-every", "0", "--save-every", "0", "--method", method, "--dtype", "float32", "--lr", "1e-3"]
-
-    def finetune(*args, nproc=0):
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-        launcher += ["--master-port", str(free_port())]
-        cmd = [*(launcher if nproc else [sys.executable]), "-m", "lmforge", "finetune", *base, *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
-
-    one = finetune("--out", str(tmp_path / "one"), "--grad-accum", "2")
+    one = finetune(*base, "--out", str(tmp_path / "one"), "--grad-accum", "2")
     assert one.returncode == 0, one.stderr
-    two = finetune("--out", str(tmp_path / "two"), "--parallel", strategy, nproc=2)
+    two = finetune(*base, "--out", str(tmp_path / "two"), "--parallel", strategy, nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(b) == [1, 2, 3] and all(abs(a[s] - b[s]) < 1e-6 for s in a), (a, b)
@@ -221,6 +225,21 @@ def test_finetune_under_ddp_and_fsdp_equals_one_process(tmp_path, chat_model, me
         ours, theirs = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
         assert sorted(ours) == sorted(theirs) and len(ours) > 0
         assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+
+
+def test_a_sharded_qlora_run_resumes_on_the_same_curve(tmp_path, chat_model):
+    model, chats = chat_model
+    base = ["--model", str(quantized_copy(model, tmp_path / "q", "int8")), "--data", str(chats), "--batch-size", "2"]
+    base += ["--seq-len", "48", "--eval-every", "0", "--method", "lora", "--dtype", "float32", "--lr", "1e-3"]
+    base += ["--parallel", "fsdp", "--schedule", "constant", "--warmup-steps", "1"]  # one lr whatever the length
+    whole = finetune(*base, "--steps", "4", "--save-every", "4", "--out", str(tmp_path / "whole"), nproc=2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = finetune(*base, "--steps", "2", "--save-every", "2", "--out", str(tmp_path / "split"), nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = finetune(*base, "--steps", "4", "--save-every", "4", "--out", str(tmp_path / "split"), "--resume", nproc=2)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "split")
+    assert sorted(b) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) < 1e-6 for s in a), (a, b)  # the adapters' shards
 
 
 def test_a_one_process_checkpoint_resumes_on_two_ranks_on_the_same_curve(tmp_path, data):
