@@ -16,6 +16,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -35,31 +36,30 @@ def build(name: str, dtype: torch.dtype) -> Transformer:
     return Transformer(config, dtype=dtype).eval()
 
 
+def _best_rate(op: Callable[[], object], nbytes: int, seconds: float) -> float:
+    """The highest bytes/s of `op` (which streams `nbytes`) over `seconds` of repeats, after a warm-up."""
+    for _ in range(3):
+        op()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        op()
+        best = max(best, nbytes / (time.perf_counter() - t0))
+    return best
+
+
 def matvec_bandwidth(dtype: torch.dtype, seconds: float = 1.0) -> float:
     """Bytes/s streamed by a [8192 x 8192] matrix-vector product (the shape of decode work)."""
     w = torch.randn(8192, 8192, dtype=dtype)
     x = torch.randn(8192, dtype=dtype)
-    for _ in range(3):
-        w @ x
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        w @ x
-        best = max(best, w.numel() * w.element_size() / (time.perf_counter() - t0))
-    return best
+    return _best_rate(lambda: w @ x, w.numel() * w.element_size(), seconds)
 
 
 def read_bandwidth(seconds: float = 1.0) -> float:
     """Bytes/s of a streaming read on every thread (the sum of a 1 GiB fp32 tensor): the memory's ceiling,
     which a BLAS's matrix-vector product need not reach (MKL's fp32 one does not on AMD CPUs seen here)."""
     t = torch.ones(1 << 28)
-    t.sum()
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        t.sum()
-        best = max(best, t.numel() * t.element_size() / (time.perf_counter() - t0))
-    return best
+    return _best_rate(t.sum, t.numel() * t.element_size(), seconds)
 
 
 def main() -> None:

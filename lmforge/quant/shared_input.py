@@ -69,9 +69,8 @@ class SharedInput:
         return tuple(id(b) for m in self.layers for b in m._buffers.values())
 
 
-def share_inputs(model: nn.Module) -> int:
-    """Group the quantized sibling layers of every block (SIBLINGS); returns how many groups were made."""
-    groups = 0
+def share_inputs(model: nn.Module) -> None:
+    """Group the quantized sibling layers of every block (SIBLINGS)."""
     for module in model.modules():
         for names in SIBLINGS:
             layers = [getattr(module, name, None) for name in names]
@@ -79,8 +78,6 @@ def share_inputs(model: nn.Module) -> int:
                 group = SharedInput(layers)
                 for m in layers:
                     m.shared = group
-                groups += 1
-    return groups
 
 
 def _alike(layers: list[QuantLinear]) -> bool:
