@@ -35,6 +35,16 @@ def model_of(preset: str = "tiny-llama", seed: int = 0, **changes) -> lmforge.Tr
     return lmforge.Transformer(config).eval()
 
 
+def biased(model: lmforge.Transformer, seed: int = 0) -> lmforge.Transformer:
+    """Random biases where the model has them (they start at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.5, generator=generator)
+    return model
+
+
 def linear(n: int, k: int, seed: int = 0, bias: bool = True) -> nn.Linear:
     torch.manual_seed(seed)
     layer = nn.Linear(k, n, bias=bias)
@@ -163,9 +173,9 @@ def storage_bytes(model: nn.Module) -> int:
 
 @pytest.mark.parametrize("method,act", [("int8", "bfloat16"), ("int4", "float32"), ("int8", "int8")])
 def test_siblings_share_one_product_of_their_stacked_weights(tmp_path, method, act):
-    model = model_of("tiny-qwen2")  # q/k/v with biases: each layer adds its own after the shared product
+    model = biased(model_of("tiny-qwen2"))  # q/k/v with biases: the group adds them once, to the shared product
     quantize(model, method, 32, act_dtype=act)
-    alone = model_of("tiny-qwen2")
+    alone = biased(model_of("tiny-qwen2"))
     quantize(alone, method, 32, act_dtype=act)
     for layer in quantized_layers(alone).values():
         layer.shared = None
@@ -186,8 +196,18 @@ def test_siblings_share_one_product_of_their_stacked_weights(tmp_path, method, a
     assert calls[:4] == [qkv, c.hidden_size, 2 * c.intermediate_size, c.hidden_size]  # one block: 4 products
     assert len(calls) == (4 * c.num_layers + 1) + (7 * c.num_layers + 1)  # shared, then alone; with the heads
     # the layers' tensors became rows of the stacked ones: no second copy of any weight
-    assert attn.k_proj.qweight.untyped_storage().data_ptr() == attn.q_proj.qweight.untyped_storage().data_ptr()
+    for name in ("qweight", "bias"):
+        first, other = getattr(attn.q_proj, name), getattr(attn.k_proj, name)
+        assert other.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
     assert storage_bytes(model) == before
+    # weights loaded in place (load_state_dict without assign) reach the stacked tensors through the views
+    other = biased(model_of("tiny-qwen2", seed=1), seed=1)
+    quantize(other, method, 32, act_dtype=act)
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(model(ids), other(ids))
+        model.load_state_dict(alone.state_dict())
+        assert torch.equal(model(ids), shared)
     # a sibling called alone, on an input of its own, still gets its own product
     x = torch.randn(3, c.hidden_size)
     with torch.inference_mode():

@@ -43,11 +43,12 @@ class KVCache:
                 f"the KV cache holds {self.max_length} tokens and this step needs {end}; "
                 "lower max_new_tokens or shorten the prompt."
             )
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
+        keys, values = self.k[layer], self.v[layer]
+        keys.narrow(2, start, end - start).copy_(k)  # (narrow: one op where indexing takes three slices)
+        values.narrow(2, start, end - start).copy_(v)
         if layer == len(self.k) - 1:
             self.length = end
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def positions(self, T: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Position ids [T] of the next T tokens when the slots are the positions (no padding)."""

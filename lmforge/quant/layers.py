@@ -64,16 +64,18 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if torch.is_grad_enabled() and x2.requires_grad:
-            y = _WeightOnlyMatmul.apply(x2, self)
-        elif self.shared is not None and x2.device.type == "cpu" and not torch.compiler.is_compiling():
-            y = self.shared.product(self, x)  # (its bookkeeping would break a compiled graph: alone there)
+        if x.requires_grad and torch.is_grad_enabled():
+            y = _WeightOnlyMatmul.apply(x.reshape(-1, self.in_features), self)
+        elif self.shared is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # (its bookkeeping would break a compiled graph: alone there); the group adds the biases
+            return self.shared.product(self, x).view(*x.shape[:-1], self.out_features)
         else:
-            y = self.product(x2)
-        y = y.to(x.dtype)  # [M, N]
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+            y = self.product(x.reshape(-1, self.in_features))  # [M, N]
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        bias = self.bias
+        if bias is not None:
+            y = y + (bias if bias.dtype == x.dtype else bias.to(x.dtype))
         return y.view(*x.shape[:-1], self.out_features)
 
     def product(self, x2: torch.Tensor) -> torch.Tensor:
@@ -108,6 +110,16 @@ class QuantLinear(nn.Module):
     def empty_like(self, out_features: int) -> QuantLinear:
         """A layer of the same kind and settings with `out_features` outputs, no bias, on the meta device."""
         raise NotImplementedError
+
+    def source(self, *names: str) -> tuple[int, ...]:
+        """What derived tensors (a kernel's layout of the weight) were built from: the buffers' identities and
+        version counters, so that loading new tensors (assign) or new values in place (copy_) rebuilds them."""
+        buffers = self._buffers  # (not the attributes: Module.__getattr__ costs more than the product's set-up)
+        stamps = []
+        for name in names:
+            t = buffers[name]
+            stamps += (id(t), -1 if t.is_inference() else t._version)  # (inference tensors keep no counter)
+        return tuple(stamps)
 
     def weight_bytes(self) -> int:
         """Bytes a product reads: the quantized weight and its scales (what decode speed depends on)."""
@@ -159,7 +171,7 @@ class Int8Linear(QuantLinear):
         if self.act_dtype != torch.int8:
             return super().activations(x2)
         if x2.shape[0] <= FBGEMM_ROWS and self.w8a8("packed") is not None:
-            return x2.float(), None  # FBGEMM quantizes each row itself
+            return x2 if x2.dtype == torch.float32 else x2.float(), None  # FBGEMM quantizes each row itself
         x = x2.float()
         lo, hi = x.amin(dim=1).clamp(max=0), x.amax(dim=1).clamp(min=0)  # [M]
         step = ((hi - lo) / 127).clamp(min=torch.finfo(torch.float32).tiny)
@@ -176,15 +188,16 @@ class Int8Linear(QuantLinear):
         if xa.dtype == torch.int8:  # int8 x int8 -> int32 (exact); activations' finish applies zero and scales
             return torch._int_mm(xa, self.qweight.t())
         if self.act_dtype == torch.int8:  # fp32 rows for FBGEMM, one call each
-            packed = self.w8a8("packed")
-            rows = [torch.ops.quantized.linear_dynamic(row, packed, True) for row in xa.split(1)]
-            return rows[0] if len(rows) == 1 else torch.cat(rows)
+            packed = self._w8a8["packed"]  # (activations just built it)
+            if xa.shape[0] == 1:
+                return torch.ops.quantized.linear_dynamic(xa, packed, True)
+            return torch.cat([torch.ops.quantized.linear_dynamic(row, packed, True) for row in xa.split(1)])
         return torch.ops.aten._weight_int8pack_mm(xa, self.qweight, self.scales.to(xa.dtype))
 
     def w8a8(self, name: str) -> Any:
         """W8A8's derived weights: "packed", the weight packed for FBGEMM's dynamic-quantized product (None
         where this torch lacks it), or "row_sums", each output channel's sum of qweight (int32 [N])."""
-        source = (id(self.qweight), id(self.scales))
+        source = self.source("qweight", "scales")
         if self._w8a8.get("source") != source:  # first use, or new tensors were loaded: rebuild
             try:
                 with warnings.catch_warnings():  # torch marks its quantized tensors deprecated; the op stays
@@ -264,7 +277,7 @@ class Int4Linear(QuantLinear):
 
     def _layout(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's packed weight and its [G, N, 2] scales-and-zeros in `dtype`, built once."""
-        source = (id(self.qweight), id(self.scales), id(self.zeros))
+        source = self.source("qweight", "scales", "zeros")
         if self._kernel.get("source") != source:  # first use, or new tensors were loaded: rebuild
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked(), 1)
             self._kernel = {"source": source, "packed": packed}

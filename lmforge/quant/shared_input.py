@@ -4,10 +4,10 @@ A decode step multiplies a single row by each weight; at that size a product's f
 input, handing the kernel its threads, the kernel's own set-up) are a large part of its time. Attention
 feeds one tensor to q_proj, k_proj and v_proj, and the MLP one to gate_proj and up_proj, so the first of
 them to run computes the product of the stacked weight ([N_q + N_k + N_v, K]) and the others take their
-columns of it: 4 kernel calls per block instead of 7. Each output element is the same dot product as
-before, so results are bit-identical (tested).
+columns of it: 4 kernel calls per block instead of 7, and one bias add (q/k/v biases: Qwen) instead of 3.
+Each output element is the same dot product and sum as before, so results are bit-identical (tested).
 
-The stacked weight is the only copy: each layer's buffers become row slices of it, so a checkpoint still
+The stacked weight is the only copy: each layer's buffers (and bias) become row slices of it, so a checkpoint still
 holds one tensor per layer and the memory does not grow. The model file is untouched; it is enough that it
 passes the same tensor object to the siblings, which every forward here does. A layer called with another
 input than its siblings' computes the group's product again (correct, only slower).
@@ -41,7 +41,11 @@ class SharedInput:
         if self.input is not x or id(layer) not in self.outputs:
             stacked = self.stack()
             stacked.gemv = layer.gemv  # the decode threads, while a ParallelGemv lends them
-            y = stacked.product(x.reshape(-1, stacked.in_features)).to(x.dtype)  # [M, sum(N)]: one cast for all
+            y = stacked.product(x.reshape(-1, stacked.in_features))  # [M, sum(N)]
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)  # one cast for all
+            if stacked.bias is not None:  # and one bias add
+                y = y + (stacked.bias if stacked.bias.dtype == x.dtype else stacked.bias.to(x.dtype))
             self.outputs = {id(m): part for m, part in zip(self.layers, y.split(self.sizes, dim=1), strict=True)}
             self.input = x
         out = self.outputs.pop(id(layer))
@@ -52,21 +56,34 @@ class SharedInput:
     def stack(self) -> QuantLinear:
         """The stacked layer; built on first use, and again when a loader replaced a layer's tensors."""
         if self.stacked is None or self._buffer_ids() != self.source:
-            first = self.layers[0]
-            stacked = first.empty_like(sum(self.sizes))
-            for name, _ in first.named_buffers(recurse=False):
-                setattr(stacked, name, torch.cat([getattr(m, name) for m in self.layers]))
-            start = 0
-            for m in self.layers:  # the layers now read (and save) their rows of the stacked tensors
-                for name, buffer in stacked.named_buffers(recurse=False):
-                    setattr(m, name, buffer[start : start + m.out_features])
-                start += m.out_features
-            self.stacked, self.source = stacked, self._buffer_ids()
+            with torch.inference_mode(False):  # normal tensors, so that the layers' views take in-place loads
+                self._stack()
         return self.stacked
+
+    def _stack(self) -> None:
+        first = self.layers[0]
+        stacked = first.empty_like(sum(self.sizes))
+        for name, _ in first.named_buffers(recurse=False):
+            setattr(stacked, name, torch.cat([getattr(m, name) for m in self.layers]))
+        if any(m.bias is not None for m in self.layers):  # a layer without one adds zeros
+            biases = [
+                torch.zeros(m.out_features, device=first.qweight.device) if m.bias is None else m.bias.detach()
+                for m in self.layers
+            ]
+            stacked.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+        start = 0
+        for m in self.layers:  # the layers now read (and save) their rows of the stacked tensors
+            rows = slice(start, start + m.out_features)
+            for name, buffer in stacked.named_buffers(recurse=False):
+                setattr(m, name, buffer[rows])
+            if m.bias is not None:
+                m.bias = nn.Parameter(stacked.bias[rows], requires_grad=False)
+            start += m.out_features
+        self.stacked, self.source = stacked, self._buffer_ids()
 
     def _buffer_ids(self) -> tuple[int, ...]:
         # checked on every product: the _buffers dicts directly, not named_buffers' generators (10x slower)
-        return tuple(id(b) for m in self.layers for b in m._buffers.values())
+        return tuple(id(b) for m in self.layers for b in (*m._buffers.values(), m._parameters.get("bias")))
 
 
 def share_inputs(model: nn.Module) -> None:
