@@ -20,6 +20,7 @@ from lmforge.generate import gemv
 from lmforge.generate.engine import Engine, EngineConfig
 from lmforge.generate.options import GenerationOptions
 from lmforge.generate.paged import PagedKVCache
+from lmforge.quant import int8_product
 from lmforge.quant.layers import FBGEMM_ROWS, Int4Linear, Int8Linear
 from lmforge.quant.quantize import dequantize, quantize, quantized_layers
 from lmforge.train.objectives import causal_lm
@@ -125,6 +126,42 @@ def test_w8a8_quantizes_each_input_row_and_multiplies_in_integers(rows):
     assert float(rel.max()) < 0.1
     with pytest.raises(LmforgeError, match="goes with method int8"):
         quantize(model_of(), "int4", act_dtype="int8")
+
+
+def test_the_exact_int8_products_agree_with_int64_arithmetic_at_the_range_limit():
+    k = 2 * int8_product.EXACT_CHUNK + 37  # two full chunks and a remainder
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (9, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (24, k), dtype=torch.int8, generator=g)
+    a[0], w[0], w[1] = -128, -128, 127  # every product at +-2^14: the chunks' partial sums reach +-2^24
+    a[1] = -128
+    a[1, int8_product.EXACT_CHUNK - 1] = a[1, -1] = 1  # odd terms among large sums: fp32 keeps them only < 2^24
+    reference = a.long() @ w.long().t()
+    assert int(reference[0, 0]) == k * 2**14
+    for product in (int8_product.float_product, lambda a, w: torch._int_mm(a, w.t()), int8_product.int8_product):
+        out = product(a, w)
+        assert out.dtype == torch.int32 and torch.equal(out.long(), reference)
+
+
+def test_w8a8_prefill_rows_are_the_same_whichever_exact_product_runs(monkeypatch):
+    layer = Int8Linear.from_linear(linear(64, 1100, seed=5), torch.int8)
+    x = torch.randn(3 * FBGEMM_ROWS, 1100)
+    outs = []
+    for float_wins in (True, False):
+        monkeypatch.setattr(int8_product, "_float_is_faster", lambda w=float_wins: w)
+        with torch.no_grad():
+            outs.append(layer(x))
+    assert torch.equal(outs[0], outs[1])
+    # A lowered fp32 matmul precision rounds the GEMM's inputs: then only _int_mm runs.
+    monkeypatch.setattr(int8_product, "_float_is_faster", lambda: True)
+    monkeypatch.setattr(int8_product, "float_product", lambda a, w: pytest.fail("fp32 product at lowered precision"))
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with torch.no_grad():
+            assert torch.equal(layer(x), outs[0])
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def test_gradients_reach_the_input_through_a_quantized_layer():

@@ -15,7 +15,8 @@ included) in 127 steps: FBGEMM's dynamic quantization with `reduce_range`, which
 16-bit pair sums from saturating. Up to `FBGEMM_ROWS` rows (decode steps) each row goes through that kernel
 (torch.ops.quantized.linear_dynamic: 2.4x faster than torch._int_mm on one thread here, near the memory
 bandwidth on two); more rows (prefill), or a torch without it, take the same quantization computed here
-and torch._int_mm (exact int32). Both are per row, so a row's result never depends on the other rows.
+and an exact int32 product (lmforge.quant.int8_product: torch._int_mm, or fp32 GEMMs where those are
+faster). Both are per row, so a row's result never depends on the other rows.
 
 Gradients flow to the input (not to the frozen quantized weight), so LoRA adapters before and after a
 quantized layer train (QLoRA, Dettmers et al. 2023, with int4/int8 in place of NF4).
@@ -31,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.quant.int8_product import int8_product
+
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 # W8A8 inputs of at most this many rows go through FBGEMM one row at a time (its kernel quantizes a whole
-# input with one range, so each row gets its own call); past it, a row loop costs more than one _int_mm.
+# input with one range, so each row gets its own call); past it, a row loop costs more than one int8_product.
 FBGEMM_ROWS = 4
 
 
@@ -186,7 +189,7 @@ class Int8Linear(QuantLinear):
 
     def kernel(self, xa: torch.Tensor) -> torch.Tensor:
         if xa.dtype == torch.int8:  # int8 x int8 -> int32 (exact); activations' finish applies zero and scales
-            return torch._int_mm(xa, self.qweight.t())
+            return int8_product(xa, self.qweight)
         if self.act_dtype == torch.int8:  # fp32 rows for FBGEMM, one call each
             packed = self._w8a8["packed"]  # (activations just built it)
             if xa.shape[0] == 1:
