@@ -2,7 +2,8 @@
 
 Speed: the qwen2.5-0.5b shape (random weights; speed does not depend on them), batch 1, a 128-token
 prompt, greedy, through lmforge.generate (the engine, with its decode thread split). Decode rate =
-(new tokens - 1) / the time from the first streamed token to the last (the prefill is not in it).
+(new tokens - 1) / the time from the first streamed token to the last (the prefill is not in it); prefill
+rate = prompt tokens / the time to the first streamed token.
 Variants alternate within each repeat. The
 weight bandwidth achieved (bytes of weights read per token x tokens/s) is reported against a fp32
 matrix-vector product and against a streaming read, both measured in the same run (benchmarks/decode.py's
@@ -77,20 +78,25 @@ def speed(args: argparse.Namespace) -> list[str]:
         models[name], notes[name] = variant(config, name)
         print(f"built {name} {notes[name]}", flush=True)
 
-    def decode_rate(name: str, n: int) -> float:
-        """Tokens/s between the first streamed token (the end of the prefill) and the last."""
+    def rates_of(name: str, n: int) -> tuple[float, float]:
+        """Prompt tokens/s (the call to the first streamed token: the prefill) and decode tokens/s (the first
+        streamed token to the last)."""
+        start = time.perf_counter()
         times = [time.perf_counter() for _ in lmforge.generate_stream(models[name], prompt.tolist(),
                                                                       max_new_tokens=n, eos_token_id=())]  # fmt: skip
-        return (n - 1) / max(times[-1] - times[0], 1e-9)
+        return len(prompt) / (times[0] - start), (n - 1) / max(times[-1] - times[0], 1e-9)
 
     rates: dict[str, list[float]] = {name: [] for name in models}
+    prefill: dict[str, list[float]] = {name: [] for name in models}
     for name in models:
-        decode_rate(name, 4)  # warm-up: kernels, layouts
+        rates_of(name, 4)  # warm-up: kernels, layouts
     for r in range(args.repeats):
         order = list(models) if r % 2 == 0 else list(reversed(models))
         for name in order:
-            rates[name].append(decode_rate(name, args.new_tokens))
-            print(f"  repeat {r + 1}: {name} {rates[name][-1]:.1f} tokens/s", flush=True)
+            p, d = rates_of(name, args.new_tokens)
+            prefill[name].append(p)
+            rates[name].append(d)
+            print(f"  repeat {r + 1}: {name} prefill {p:.0f} tokens/s, decode {d:.1f} tokens/s", flush=True)
     bandwidth, ceiling = matvec_bandwidth(torch.float32), read_bandwidth()
     base = statistics.median(rates["fp32"])
     lines = [
@@ -99,14 +105,16 @@ def speed(args: argparse.Namespace) -> list[str]:
         f"{args.new_tokens} new tokens, greedy, median of {args.repeats}; fp32 matrix-vector probe "
         f"{bandwidth / 1e9:.1f} GB/s, streaming read (sum) {ceiling / 1e9:.1f} GB/s.",
         "",
-        "| variant | MB read per token | decode tokens/s median [min-max] | vs fp32 | GB/s of weights |",
-        "|---|---|---|---|---|",
+        "| variant | MB read per token | decode tokens/s median [min-max] | vs fp32 | GB/s of weights "
+        "| prefill tokens/s median |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in rates.items():
         mb = bytes_per_token(models[name]) / 1e6
         med = statistics.median(r)
         lines.append(
-            f"| {name} | {mb:.0f} | {med:.1f} [{min(r):.1f}-{max(r):.1f}] | {med / base:.2f}x | {mb * med / 1e3:.1f} |"
+            f"| {name} | {mb:.0f} | {med:.1f} [{min(r):.1f}-{max(r):.1f}] | {med / base:.2f}x | {mb * med / 1e3:.1f} "
+            f"| {statistics.median(prefill[name]):.0f} |"
         )
     notes_text = [f"- {n}: {notes[n]}" for n in models if notes[n]]
     return [*lines, "", *notes_text]
