@@ -132,7 +132,7 @@ def test_the_exact_int8_products_agree_with_int64_arithmetic_at_the_range_limit(
     k = 2 * int8_product.EXACT_CHUNK + 37  # two full chunks and a remainder
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (9, k), dtype=torch.int8, generator=g)
-    w = torch.randint(-128, 128, (24, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (int8_product.WEIGHT_ROWS + 24, k), dtype=torch.int8, generator=g)  # 2 blocks
     a[0], w[0], w[1] = -128, -128, 127  # every product at +-2^14: the chunks' partial sums reach +-2^24
     a[1] = -128
     a[1, int8_product.EXACT_CHUNK - 1] = a[1, -1] = 1  # odd terms among large sums: fp32 keeps them only < 2^24

@@ -17,6 +17,7 @@ import time
 import torch
 
 EXACT_CHUNK = 1024  # inputs per fp32 product: 1024 * 2^14 = 2^24, the largest exactly held magnitude
+WEIGHT_ROWS = 4096  # outputs per block: a 16 MB fp32 copy of the weight per chunk
 
 
 def int8_product(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -27,12 +28,18 @@ def int8_product(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def float_product(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The same product through fp32 GEMMs of at most EXACT_CHUNK inputs each (module docstring)."""
-    out = None
-    for start in range(0, a.shape[1], EXACT_CHUNK):
-        part = torch.mm(a[:, start : start + EXACT_CHUNK].float(), w[:, start : start + EXACT_CHUNK].float().t())
-        part = part.to(torch.int32)
-        out = part if out is None else out.add_(part)
+    """The same product through fp32 GEMMs of at most EXACT_CHUNK inputs each (module docstring), over
+    blocks of WEIGHT_ROWS outputs so that the fp32 copy of the weight never exceeds one block (an output
+    head of 150k rows would otherwise need a 0.5 GB copy)."""
+    a32 = a.float()
+    out = torch.empty(a.shape[0], w.shape[0], dtype=torch.int32, device=a.device)
+    for n in range(0, w.shape[0], WEIGHT_ROWS):
+        rows = w[n : n + WEIGHT_ROWS]
+        acc = None
+        for k in range(0, a.shape[1], EXACT_CHUNK):
+            part = torch.mm(a32[:, k : k + EXACT_CHUNK], rows[:, k : k + EXACT_CHUNK].float().t()).to(torch.int32)
+            acc = part if acc is None else acc.add_(part)
+        out[:, n : n + WEIGHT_ROWS] = acc
     return out
 
 
