@@ -15,7 +15,9 @@
    against f32, int8 and w8a8 against q8_0, int4 against q4_0): same weights, same thread count, one
    process, the two alternating round by round, one pair in memory at a time. Decode is tgN as llama-bench
    and `lmforge bench` measure it: N one-token forward passes (each followed by an argmax) from an empty
-   context; lmforge's side is `lmforge.generate.bench`'s.
+   context; lmforge's side is `lmforge.generate.bench`'s. For the quantized variants, more runs time each
+   weight product where it runs, which splits a step into the products and the rest and gives the ratio
+   lmforge could reach if the rest cost nothing.
 
     python benchmarks/llamacpp.py                  # goal: int8 (or w8a8) / q8_0 and int4 / q4_0 >= 0.8x
     python benchmarks/llamacpp.py --record         # also append the results to benchmarks/RESULTS.md
@@ -24,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import hashlib
@@ -38,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +55,7 @@ import lmforge
 from lmforge import ModelConfig, Transformer
 from lmforge.atomic import write_directory, write_file
 from lmforge.generate.bench import decode_seconds
+from lmforge.quant.layers import Int4Linear, Int8Linear, QuantLinear
 from lmforge.quickstart import cpu_description
 
 VERSION = "0.3.36"  # llama-cpp-python (vendors its own llama.cpp); the build cache is keyed by it
@@ -305,9 +309,36 @@ def alternate(a: Callable[[int], float], b: Callable[[int], float], args: argpar
     return rates
 
 
-def measure_speed(lib: ModuleType, work: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, int]]:
+@contextlib.contextmanager
+def products_timed(seconds: list[float]) -> Iterator[None]:
+    """Every quantized layer's kernel call (the weight product alone: not the input's quantization, not the
+    thread hand-over) is timed where it runs, inside real decode steps; seconds[0] accumulates the time."""
+    saved = {cls: cls.kernel for cls in (Int8Linear, Int4Linear)}
+
+    def timed(kernel: Callable[[QuantLinear, torch.Tensor], torch.Tensor]) -> Callable:
+        def run(self: QuantLinear, xa: torch.Tensor) -> torch.Tensor:
+            t0 = time.perf_counter()
+            out = kernel(self, xa)  # (CPU kernels return when done: nothing is left in flight)
+            seconds[0] += time.perf_counter() - t0
+            return out
+
+        return run
+
+    for cls, kernel in saved.items():
+        cls.kernel = timed(kernel)
+    try:
+        yield
+    finally:
+        for cls, kernel in saved.items():
+            cls.kernel = kernel
+
+
+def measure_speed(
+    lib: ModuleType, work: Path, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, int], dict[str, list[tuple[float, float]]]]:
     """Per lmforge precision: (its tokens/s, its llama.cpp file's tokens/s) measured side by side; and the
-    size of each exported file. One pair is in memory at a time (the fp32 pair alone holds 4 GB), so that a
+    size of each exported file; and, for the quantized variants, their step and product times in separate
+    timed runs (products_timed). One pair is in memory at a time (the fp32 pair alone holds 4 GB), so that a
     shared machine's page cache keeps both sides' weights."""
     model_dir = work / f"{args.model}-random"
     if not (model_dir / "config.json").is_file():
@@ -321,6 +352,7 @@ def measure_speed(lib: ModuleType, work: Path, args: argparse.Namespace) -> tupl
         sizes[quant] = gguf.stat().st_size
         print(f"exported {gguf.name} in {seconds:.0f} s ({sizes[quant] / 1e6:.0f} MB)", flush=True)
     results: dict[str, Any] = {}
+    split: dict[str, list[tuple[float, float]]] = {}  # quantized variants: (step, products) seconds per token
     loaded: tuple[str, LlamaCpp] | None = None
     generator = torch.Generator().manual_seed(0)
     for ours, theirs in pairs:
@@ -332,9 +364,18 @@ def measure_speed(lib: ModuleType, work: Path, args: argparse.Namespace) -> tupl
         results[ours] = alternate(partial(decode_seconds, model, generator=generator), loaded[1].decode_seconds, args)
         a, b = (statistics.median(r) for r in results[ours])
         print(f"lmforge {ours} {a:.1f} tokens/s, llama.cpp {theirs} {b:.1f} tokens/s", flush=True)
+        if any(isinstance(m, QuantLinear) for m in model.modules()):
+            split[ours] = []
+            for _ in range(args.repeats):
+                products = [0.0]
+                with products_timed(products):
+                    step = decode_seconds(model, args.gen_tokens, generator)
+                split[ours].append((step / args.gen_tokens, products[0] / args.gen_tokens))
+            step, products = (statistics.median(x) * 1e3 for x in zip(*split[ours], strict=True))
+            print(f"  lmforge {ours}: {step:.1f} ms/token, of which the products {products:.1f}", flush=True)
         del model
         gc.collect()
-    return results, sizes
+    return results, sizes, split
 
 
 def speed_table(results: dict[str, Any], sizes: dict[str, int]) -> list[str]:
@@ -353,6 +394,24 @@ def speed_table(results: dict[str, Any], sizes: dict[str, int]) -> list[str]:
         x = statistics.median(a) / statistics.median(b)
         verdict = "" if goal is None else f">= {goal}x: {'met' if x >= goal else 'NOT met'}"
         lines.append(f"| {ours} | {cell(a)} | {theirs} | {file} | {cell(b)} | **{x:.2f}x** | {verdict} |")
+    return lines
+
+
+def split_table(results: dict[str, Any], split: dict[str, list[tuple[float, float]]]) -> list[str]:
+    """Where a quantized step's time goes, and the ratio it could reach if nothing but its products cost."""
+    lines = [
+        "| lmforge | ms/token | products | rest | llama.cpp | ms/token | ratio | ratio with no rest |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ours, theirs, _ in PAIRS:
+        if ours not in split:
+            continue
+        step, products = (statistics.median(x) * 1e3 for x in zip(*split[ours], strict=True))
+        other = 1e3 / statistics.median(results[ours][1])
+        lines.append(
+            f"| {ours} | {step:.1f} | {products:.1f} | {step - products:.1f} | {theirs} | {other:.1f} "
+            f"| {other / step:.2f}x | {other / products:.2f}x |"
+        )
     return lines
 
 
@@ -417,7 +476,7 @@ def main() -> None:
             print(parity[-1], flush=True)
         table: list[str] = []
         if args.model:
-            results, sizes = measure_speed(lib, work, args)
+            results, sizes, split = measure_speed(lib, work, args)
             table = [
                 f"Decode, {args.model} shape (random weights), batch 1, tg{args.gen_tokens} from an empty context, "
                 f"median [min-max] of {args.repeats} rounds alternating within each pair (load average at the end "
@@ -425,6 +484,15 @@ def main() -> None:
                 "",
                 *speed_table(results, sizes),
             ]
+            if split:
+                table += [
+                    "",
+                    f"Where lmforge's quantized step goes, in {args.repeats} more runs of tg{args.gen_tokens} "
+                    "(medians) with every quantized product timed where it runs; the rest is everything else. The last "
+                    "column is the ratio to llama.cpp's step above if the rest cost nothing:",
+                    "",
+                    *split_table(results, split),
+                ]
             print("\n".join(table), flush=True)
 
     if args.record:

@@ -37,7 +37,7 @@ from prune_curve import cpu_line  # noqa: E402
 
 import lmforge  # noqa: E402
 from lmforge import ModelConfig, Transformer  # noqa: E402
-from lmforge.quant.layers import QuantLinear  # noqa: E402
+from lmforge.quant.layers import Int4Linear, Int8Linear, QuantLinear  # noqa: E402
 from lmforge.quant.quantize import quantize  # noqa: E402
 
 VARIANTS = {  # name -> (dtype of the float parts, quantize kwargs or None)
@@ -151,6 +151,69 @@ def perplexity(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def kernels(args: argparse.Namespace) -> list[str]:
+    """Each product kernel alone on one gate_proj-sized matrix of --preset, 24 of them cycled so that their
+    weights are out of cache as in a decode step: one row (decode) and --prompt-tokens rows (prefill)."""
+    from lmforge.quant.int8_product import float_product
+
+    config = ModelConfig.from_preset(args.preset)
+    n, k, count = config.intermediate_size, config.hidden_size, 24
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(k, n, bias=False) for _ in range(count)]
+
+    def best_us(op) -> float:  # op(i) multiplies with matrix i
+        with torch.inference_mode():
+            for i in range(count):
+                op(i)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for i in range(count):
+                    op(i)
+                best = min(best, time.perf_counter() - t0)
+        return best / count * 1e6
+
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, k, dtype=dtype)
+        ws = [m.weight.detach().to(dtype) for m in linears]
+        rows.append(
+            (
+                f"{str(dtype)[6:]} dense",
+                best_us(lambda i, x=x, ws=ws: torch.nn.functional.linear(x, ws[i])),
+                n * k * x.element_size(),
+            )
+        )
+    layers = {
+        "int8 W8A8 (FBGEMM)": [Int8Linear.from_linear(m, torch.int8) for m in linears],
+        "int8, bf16 products": [Int8Linear.from_linear(m, torch.bfloat16) for m in linears],
+        "int8, fp32 products": [Int8Linear.from_linear(m, torch.float32) for m in linears],
+        "int4 g32, bf16 products": [Int4Linear.from_linear(m, torch.bfloat16, 32) for m in linears],
+        "int4 g32, fp32 products": [Int4Linear.from_linear(m, torch.float32, 32) for m in linears],
+    }
+    for name, qs in layers.items():
+        x = torch.randn(1, k, dtype=qs[0].compute_dtype)
+        rows.append((name, best_us(lambda i, x=x, qs=qs: qs[i](x)), qs[0].weight_bytes()))
+    lines = [
+        f"Kernels alone (`--kernels`), {n}x{k} matrices ({args.preset}'s gate_proj), {count} cycled, "
+        f"{torch.get_num_threads()} threads, best of 3:",
+        "",
+        "| product, one row | us | GB/s of its weights |",
+        "|---|---|---|",
+        *[f"| {name} | {us:.0f} | {nbytes / us / 1e3:.1f} |" for name, us, nbytes in rows],
+        "",
+    ]
+    m = args.prompt_tokens
+    a = torch.randint(0, 128, (m, k), dtype=torch.int8)
+    qw = [layer.qweight for layer in layers["int8 W8A8 (FBGEMM)"]]
+    lines += [
+        f"W8A8's exact int32 product of {m} prompt rows (lmforge/quant/int8_product.py): torch._int_mm "
+        f"{best_us(lambda i: torch._int_mm(a, qw[i].t())) / 1e3:.1f} ms, chunked fp32 GEMMs "
+        f"{best_us(lambda i: float_product(a, qw[i])) / 1e3:.1f} ms per matrix.",
+    ]
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="qwen2.5-0.5b")
@@ -164,9 +227,12 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=40000, help="held-out tokens scored per variant")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-perplexity", action="store_true")
+    p.add_argument("--kernels", action="store_true", help="also time each product kernel alone")
     p.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = p.parse_args()
     out = ["", "## Weight-only quantization (benchmarks/quantize.py)", ""]
+    if args.kernels:
+        out += kernels(args) + [""]
     if not args.skip_speed:
         out += speed(args) + [""]
     if not args.skip_perplexity:
