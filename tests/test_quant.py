@@ -21,7 +21,8 @@ from lmforge.generate.engine import Engine, EngineConfig
 from lmforge.generate.options import GenerationOptions
 from lmforge.generate.paged import PagedKVCache
 from lmforge.quant import int8_product
-from lmforge.quant.layers import FBGEMM_ROWS, Int4Linear, Int8Linear
+from lmforge.quant import layers as quant_layers
+from lmforge.quant.layers import Int4Linear, Int8Linear
 from lmforge.quant.quantize import dequantize, quantize, quantized_layers
 from lmforge.train.objectives import causal_lm
 
@@ -104,8 +105,12 @@ def w8a8_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     return ((xq - zero) * step).double() @ w.t() + layer.bias.double()
 
 
+FBGEMM_ROWS = 4  # what the tests set the measured limit to (int8_product.fbgemm_row_limit)
+
+
 @pytest.mark.parametrize("rows", [FBGEMM_ROWS, 2 * FBGEMM_ROWS])  # decode rows through FBGEMM; prefill rows
-def test_w8a8_quantizes_each_input_row_and_multiplies_in_integers(rows):
+def test_w8a8_quantizes_each_input_row_and_multiplies_in_integers(rows, monkeypatch):
+    monkeypatch.setattr(quant_layers, "fbgemm_row_limit", lambda: FBGEMM_ROWS)
     base = linear(128, 256, seed=3)
     layer = Int8Linear.from_linear(base, torch.int8)
     if rows <= FBGEMM_ROWS and layer.w8a8("packed") is None:
@@ -143,7 +148,27 @@ def test_the_exact_int8_products_agree_with_int64_arithmetic_at_the_range_limit(
         assert out.dtype == torch.int32 and torch.equal(out.long(), reference)
 
 
+def test_w8a8_routes_rows_by_the_measured_limit(monkeypatch):
+    layer = Int8Linear.from_linear(linear(64, 256, seed=4), torch.int8)
+    if layer.w8a8("packed") is None:
+        pytest.skip("this torch has no FBGEMM dynamic-quantized linear")
+    assert int8_product.fbgemm_row_limit() in int8_product.ROW_LIMITS  # timed on this machine
+    calls = []
+    for name in ("fbgemm_rows", "int8_product"):
+        real = getattr(quant_layers, name)
+        monkeypatch.setattr(quant_layers, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    monkeypatch.setattr(quant_layers, "fbgemm_row_limit", lambda: 8)
+    with torch.no_grad():
+        for rows in (1, 8, 9):
+            layer(torch.randn(rows, 256))
+    assert calls == ["fbgemm_rows", "fbgemm_rows", "int8_product"]
+    # The limit: the last row count before the row loop (its time first) is slower than one exact product.
+    assert int8_product.row_limit({2: (1.0, 3.0), 4: (2.0, 3.0), 8: (4.0, 3.0), 16: (3.0, 3.5)}) == 4
+    assert int8_product.row_limit({2: (3.0, 1.0), 4: (6.0, 1.0)}) == 1
+
+
 def test_w8a8_prefill_rows_are_the_same_whichever_exact_product_runs(monkeypatch):
+    monkeypatch.setattr(quant_layers, "fbgemm_row_limit", lambda: FBGEMM_ROWS)
     layer = Int8Linear.from_linear(linear(64, 1100, seed=5), torch.int8)
     x = torch.randn(3 * FBGEMM_ROWS, 1100)
     outs = []

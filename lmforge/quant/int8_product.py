@@ -7,15 +7,23 @@ values is exact as long as no partial sum can leave fp32's 24-bit integer range:
 128 * 128 = 2^14 in magnitude, so over chunks of at most 2^10 inputs every partial sum is an integer of at
 most 2^24, whatever order the BLAS adds in. The chunks' sums are then added in int32. Both ways give the
 same int32 result bit for bit, so choosing between them (timed once per process) changes speed only.
+
+Inputs of a few rows (decode steps) go instead one row at a time through FBGEMM's dynamic-quantized kernel
+(lmforge.quant.layers); up to how many rows that loop beats one exact product is timed here too: 16 on the
+AVX2 EPYC (1.3 ms against 3.9 ms for 8 rows of a 4864x896 layer), where a fixed 4 had been chosen on an
+AVX-512 VNNI machine whose _int_mm is fast.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import warnings
+from collections.abc import Callable
 
 import torch
 
+ROW_LIMITS = (1, 2, 4, 8, 16, 32)  # the row counts fbgemm_row_limit chooses among
 EXACT_CHUNK = 1024  # inputs per fp32 product: 1024 * 2^14 = 2^24, the largest exactly held magnitude
 WEIGHT_ROWS = 4096  # outputs per block: a 16 MB fp32 copy of the weight per chunk
 
@@ -51,20 +59,71 @@ def _fp32_is_exact() -> bool:
     return torch.get_float32_matmul_precision() == "highest" and not lowered
 
 
+def fbgemm_pack(qweight: torch.Tensor, scales: torch.Tensor) -> object | None:
+    """The weight packed for torch.ops.quantized.linear_dynamic (None where this torch lacks FBGEMM)."""
+    try:
+        with warnings.catch_warnings():  # torch marks its quantized tensors deprecated; the op stays
+            warnings.simplefilter("ignore")
+            q = torch._make_per_channel_quantized_tensor(
+                qweight, scales.double(), torch.zeros_like(scales, dtype=torch.long), 0
+            )
+            return torch.ops.quantized.linear_prepack(q, None)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+
+
+def fbgemm_rows(x: torch.Tensor, packed: object) -> torch.Tensor:
+    """x [M, K] fp32 through FBGEMM one row at a time (its kernel quantizes a whole input with one range)."""
+    if x.shape[0] == 1:
+        return torch.ops.quantized.linear_dynamic(x, packed, True)
+    return torch.cat([torch.ops.quantized.linear_dynamic(row, packed, True) for row in x.split(1)])
+
+
+@functools.cache
+def fbgemm_row_limit() -> int:
+    """The most rows (of ROW_LIMITS) for which the FBGEMM row loop is faster than one exact product: timed on a
+    1024x1024 layer at each count, best of 3 (0 where FBGEMM is missing)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, generator=g)
+    packed = fbgemm_pack(w, torch.full((1024,), 0.01))
+    if packed is None:
+        return 0
+    seconds = {}  # rows -> (the FBGEMM row loop, one exact product)
+    for m in ROW_LIMITS[1:]:
+        x = torch.randn(m, 1024, generator=g)
+        a = torch.randint(0, 128, (m, 1024), dtype=torch.int8, generator=g)
+        seconds[m] = (_best(lambda x=x: fbgemm_rows(x, packed)), _best(lambda a=a: int8_product(a, w)))
+    return row_limit(seconds)
+
+
+def row_limit(seconds: dict[int, tuple[float, float]]) -> int:
+    """Up the row counts, the last at which the row loop still wins, before it first loses (its cost grows
+    with the rows, the product's barely: a later win is noise); ROW_LIMITS[0] when it never wins."""
+    limit = ROW_LIMITS[0]
+    for m in sorted(seconds):
+        rows, exact = seconds[m]
+        if rows > exact:
+            break
+        limit = m
+    return limit
+
+
 @functools.cache
 def _float_is_faster() -> bool:
     """Time both on a prefill-sized product, best of 3 after a first call each."""
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, 128, (64, 1024), dtype=torch.int8, generator=g)
     w = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, generator=g)
-    times = {}
-    for way in (float_product, lambda a, w: torch._int_mm(a, w.t())):
-        with torch.inference_mode():
-            way(a, w)
-            best = float("inf")
-            for _ in range(3):
-                t0 = time.perf_counter()
-                way(a, w)
-                best = min(best, time.perf_counter() - t0)
-        times[way is float_product] = best
-    return times[True] < times[False]
+    return _best(lambda: float_product(a, w)) < _best(lambda: torch._int_mm(a, w.t()))
+
+
+def _best(op: Callable[[], object]) -> float:
+    """Seconds of op's fastest of 3 calls, after a first that may build kernels."""
+    with torch.inference_mode():
+        op()
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            op()
+            best = min(best, time.perf_counter() - t0)
+    return best

@@ -12,11 +12,12 @@ Letters: M rows of input (tokens), K input features, N output features, G groups
 `act_dtype=torch.int8` (int8 layers only) also quantizes each input row to 7 bits on the fly and multiplies
 in integers: W8A8, what llama.cpp's q8_0 products do. A row is quantized asymmetrically, its min..max (zero
 included) in 127 steps: FBGEMM's dynamic quantization with `reduce_range`, which keeps its AVX2 kernel's
-16-bit pair sums from saturating. Up to `FBGEMM_ROWS` rows (decode steps) each row goes through that kernel
-(torch.ops.quantized.linear_dynamic: 2.4x faster than torch._int_mm on one thread here, near the memory
-bandwidth on two); more rows (prefill), or a torch without it, take the same quantization computed here
-and an exact int32 product (lmforge.quant.int8_product: torch._int_mm, or fp32 GEMMs where those are
-faster). Both are per row, so a row's result never depends on the other rows.
+16-bit pair sums from saturating. Inputs of a few rows (decode steps; how many is timed: `fbgemm_row_limit`)
+go row by row through that kernel (torch.ops.quantized.linear_dynamic: 2.4x faster than torch._int_mm on
+one thread on an AVX-512 VNNI CPU, near the memory bandwidth on two); more rows (prefill), or a torch
+without it, take the same quantization computed here and an exact int32 product (lmforge.quant.int8_product:
+torch._int_mm, or fp32 GEMMs where those are faster). Both are per row; a row's numbers depend on the batch
+only through which of the two runs (a rounding tie may then land one step apart).
 
 Gradients flow to the input (not to the frozen quantized weight), so LoRA adapters before and after a
 quantized layer train (QLoRA, Dettmers et al. 2023, with int4/int8 in place of NF4).
@@ -24,7 +25,6 @@ quantized layer train (QLoRA, Dettmers et al. 2023, with int4/int8 in place of N
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -32,12 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.quant.int8_product import int8_product
+from lmforge.quant.int8_product import fbgemm_pack, fbgemm_row_limit, fbgemm_rows, int8_product
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
-# W8A8 inputs of at most this many rows go through FBGEMM one row at a time (its kernel quantizes a whole
-# input with one range, so each row gets its own call); past it, a row loop costs more than one int8_product.
-FBGEMM_ROWS = 4
 
 
 class _WeightOnlyMatmul(torch.autograd.Function):
@@ -173,7 +170,7 @@ class Int8Linear(QuantLinear):
     def activations(self, x2: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None]:
         if self.act_dtype != torch.int8:
             return super().activations(x2)
-        if x2.shape[0] <= FBGEMM_ROWS and self.w8a8("packed") is not None:
+        if x2.shape[0] <= fbgemm_row_limit() and self.w8a8("packed") is not None:
             return x2 if x2.dtype == torch.float32 else x2.float(), None  # FBGEMM quantizes each row itself
         x = x2.float()
         lo, hi = x.amin(dim=1).clamp(max=0), x.amax(dim=1).clamp(min=0)  # [M]
@@ -191,10 +188,7 @@ class Int8Linear(QuantLinear):
         if xa.dtype == torch.int8:  # int8 x int8 -> int32 (exact); activations' finish applies zero and scales
             return int8_product(xa, self.qweight)
         if self.act_dtype == torch.int8:  # fp32 rows for FBGEMM, one call each
-            packed = self._w8a8["packed"]  # (activations just built it)
-            if xa.shape[0] == 1:
-                return torch.ops.quantized.linear_dynamic(xa, packed, True)
-            return torch.cat([torch.ops.quantized.linear_dynamic(row, packed, True) for row in xa.split(1)])
+            return fbgemm_rows(xa, self._w8a8["packed"])  # (activations just built it)
         return torch.ops.aten._weight_int8pack_mm(xa, self.qweight, self.scales.to(xa.dtype))
 
     def w8a8(self, name: str) -> Any:
@@ -202,17 +196,8 @@ class Int8Linear(QuantLinear):
         where this torch lacks it), or "row_sums", each output channel's sum of qweight (int32 [N])."""
         source = self.source("qweight", "scales")
         if self._w8a8.get("source") != source:  # first use, or new tensors were loaded: rebuild
-            try:
-                with warnings.catch_warnings():  # torch marks its quantized tensors deprecated; the op stays
-                    warnings.simplefilter("ignore")
-                    q = torch._make_per_channel_quantized_tensor(
-                        self.qweight, self.scales.double(), torch.zeros_like(self.scales, dtype=torch.long), 0
-                    )
-                    packed = torch.ops.quantized.linear_prepack(q, None)
-            except (AttributeError, RuntimeError, NotImplementedError):
-                packed = None
             row_sums = self.qweight.sum(dim=1, dtype=torch.int32)
-            self._w8a8 = {"source": source, "packed": packed, "row_sums": row_sums}
+            self._w8a8 = {"source": source, "packed": fbgemm_pack(self.qweight, self.scales), "row_sums": row_sums}
         return self._w8a8[name]
 
 
