@@ -2,15 +2,15 @@
 
 torch._int_mm is the obvious kernel, but on CPUs without AVX-512 VNNI torch 2.13 runs it ~14x slower than
 an fp32 GEMM of the same shape (260 ms against 18 ms for 128 rows of a 4864x896 layer on a 2-core AVX2
-EPYC; benchmarks/RESULTS.md), which made a 128-token W8A8 prefill take 21 s there. An fp32 GEMM of int8
+EPYC; benchmarks/RESULTS.md), which made a 128-token W8A8 prefill take 19 s there. An fp32 GEMM of int8
 values is exact as long as no partial sum can leave fp32's 24-bit integer range: each product is at most
 128 * 128 = 2^14 in magnitude, so over chunks of at most 2^10 inputs every partial sum is an integer of at
 most 2^24, whatever order the BLAS adds in. The chunks' sums are then added in int32. Both ways give the
 same int32 result bit for bit, so choosing between them (timed once per process) changes speed only.
 
 Inputs of a few rows (decode steps) go instead one row at a time through FBGEMM's dynamic-quantized kernel
-(lmforge.quant.layers); up to how many rows that loop beats one exact product is timed here too: 16 on the
-AVX2 EPYC (1.3 ms against 3.9 ms for 8 rows of a 4864x896 layer), where a fixed 4 had been chosen on an
+(lmforge.quant.layers); up to how many rows that loop beats one exact product is timed here too: 8-16 on
+the AVX2 EPYC (1.3 ms against 3.9 ms for 8 rows of a 4864x896 layer), where a fixed 4 had been chosen on an
 AVX-512 VNNI machine whose _int_mm is fast.
 """
 
