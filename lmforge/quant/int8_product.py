@@ -17,11 +17,11 @@ AVX-512 VNNI machine whose _int_mm is fast.
 from __future__ import annotations
 
 import functools
-import time
 import warnings
-from collections.abc import Callable
 
 import torch
+
+from lmforge.quant.timing import best_seconds
 
 ROW_LIMITS = (1, 2, 4, 8, 16, 32)  # the row counts fbgemm_row_limit chooses among
 EXACT_CHUNK = 1024  # inputs per fp32 product: 1024 * 2^14 = 2^24, the largest exactly held magnitude
@@ -81,8 +81,8 @@ def fbgemm_rows(x: torch.Tensor, packed: object) -> torch.Tensor:
 
 @functools.cache
 def fbgemm_row_limit() -> int:
-    """The most rows (of ROW_LIMITS) for which the FBGEMM row loop is faster than one exact product: timed on a
-    1024x1024 layer at each count, best of 3 (0 where FBGEMM is missing)."""
+    """How many rows (of ROW_LIMITS) the FBGEMM row loop takes before one exact product is faster (row_limit):
+    both timed on a 1024x1024 layer at each count, best of 3; 0 where FBGEMM is missing."""
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, generator=g)
     packed = fbgemm_pack(w, torch.full((1024,), 0.01))
@@ -92,7 +92,7 @@ def fbgemm_row_limit() -> int:
     for m in ROW_LIMITS[1:]:
         x = torch.randn(m, 1024, generator=g)
         a = torch.randint(0, 128, (m, 1024), dtype=torch.int8, generator=g)
-        seconds[m] = (_best(lambda x=x: fbgemm_rows(x, packed)), _best(lambda a=a: int8_product(a, w)))
+        seconds[m] = (best_seconds(lambda x=x: fbgemm_rows(x, packed)), best_seconds(lambda a=a: int8_product(a, w)))
     return row_limit(seconds)
 
 
@@ -114,16 +114,4 @@ def _float_is_faster() -> bool:
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, 128, (64, 1024), dtype=torch.int8, generator=g)
     w = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, generator=g)
-    return _best(lambda: float_product(a, w)) < _best(lambda: torch._int_mm(a, w.t()))
-
-
-def _best(op: Callable[[], object]) -> float:
-    """Seconds of op's fastest of 3 calls, after a first that may build kernels."""
-    with torch.inference_mode():
-        op()
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            op()
-            best = min(best, time.perf_counter() - t0)
-    return best
+    return best_seconds(lambda: float_product(a, w)) < best_seconds(lambda: torch._int_mm(a, w.t()))

@@ -13,7 +13,6 @@ AVX2-only ones included: torch's fp32 paths of these kernels are scalar).
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,7 @@ from lmforge.model import Transformer
 from lmforge.options import option, validate
 from lmforge.quant.layers import INT4_GROUP_SIZES, Int4Linear, Int8Linear, QuantLinear
 from lmforge.quant.shared_input import share_inputs
+from lmforge.quant.timing import best_seconds
 
 METHODS = ("int8", "int4")
 ACT_DTYPES = ("auto", "float32", "bfloat16", "int8")
@@ -217,12 +217,5 @@ def _fastest_act_dtype(method: str, group_size: int) -> torch.dtype:
         else:
             layer = Int4Linear.from_linear(linear, dtype, group_size)
         x = torch.randn(1, k, dtype=dtype)
-        with torch.inference_mode():
-            layer.product(x)
-            best = float("inf")
-            for _ in range(5):
-                t0 = time.perf_counter()
-                layer.product(x)
-                best = min(best, time.perf_counter() - t0)
-        times[dtype] = best
+        times[dtype] = best_seconds(lambda layer=layer, x=x: layer.product(x), repeats=5)
     return min(times, key=times.__getitem__)
