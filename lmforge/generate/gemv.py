@@ -93,8 +93,9 @@ class ParallelGemv:
         """F.linear, with a small-batch product's rows split over the threads (bit-identical)."""
         x2 = x.reshape(-1, x.shape[-1])  # [M, in]
         rows, n_out = x2.shape[0], weight.shape[0]
-        if self.pool is None or rows > MAX_ROWS or torch.is_grad_enabled():  # prefill, training: BLAS's own
-            return F.linear(x, weight, bias)
+        if self.pool is None or rows > MAX_ROWS or torch.is_grad_enabled():  # prefill, training: BLAS's own,
+            with self.kernel_threads():  # on every thread (MKL's result may depend on its thread count: AMX Xeon)
+                return F.linear(x, weight, bias)
         out = torch.empty(rows, n_out, dtype=x2.dtype, device=x2.device)  # [M, out]
         bounds = [n_out * i // self.threads for i in range(self.threads)] + [n_out]
         parts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
