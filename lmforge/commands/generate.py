@@ -225,6 +225,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     "params": params,
                     "dtype": dtype,
                     "threads": torch.get_num_threads(),
+                    "compile": bench.compile,
                     "kv_cache_bytes_per_token": kv_per_token,
                     "results": rows,
                 }

@@ -5,10 +5,12 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.generate.compiled import CompiledDecoder
 from lmforge.generate.gemv import ParallelGemv
 from lmforge.generate.kv_cache import KVCache
 from lmforge.model import Transformer
@@ -21,6 +23,7 @@ class BenchConfig:
     gen_tokens: int = option(128, "decode test length (tgN)")
     repeats: int = option(3, "timed runs of each test (after one warm-up)")
     threads: int | None = option(None, "torch threads (default: torch's choice)")
+    compile: bool = option(False, "decode through a torch.compile'd step (compiled once, before the warm-up)")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -41,9 +44,19 @@ def prefill_seconds(model: Transformer, n: int, generator: torch.Generator) -> f
 
 
 @torch.inference_mode()  # lighter than no_grad: no autograd bookkeeping at all
-def decode_seconds(model: Transformer, n: int, generator: torch.Generator) -> float:
-    """n forward passes of one token each over a growing cache, starting from an empty context."""
+def decode_seconds(
+    model: Transformer, n: int, generator: torch.Generator, compiled: CompiledDecoder | None = None
+) -> float:
+    """n forward passes of one token each over a growing cache, starting from an empty context; through
+    `compiled` (a CompiledDecoder of the model holding at least n tokens) when given."""
     p = next(model.parameters())
+    if compiled is not None:
+        compiled.reset()
+        token = torch.randint(0, model.config.vocab_size, (1,), generator=generator, device=p.device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            token = compiled.step(token).argmax(-1)
+        return time.perf_counter() - t0
     cache = KVCache(model.config, 1, n, p.dtype, p.device)
     token = torch.randint(0, model.config.vocab_size, (1, 1), generator=generator, device=p.device)
     with ParallelGemv(model):
@@ -61,8 +74,9 @@ def bench_model(model: Transformer, bench: BenchConfig | None = None) -> list[di
         torch.set_num_threads(bench.threads)
     model.eval()
     generator = torch.Generator().manual_seed(0)
+    decode = partial(decode_seconds, compiled=CompiledDecoder(model, 1, gen_tokens) if bench.compile else None)
     rows = []
-    for name, fn, n in (("pp", prefill_seconds, prompt_tokens), ("tg", decode_seconds, gen_tokens)):
+    for name, fn, n in (("pp", prefill_seconds, prompt_tokens), ("tg", decode, gen_tokens)):
         fn(model, min(n, 16), generator)  # warm-up
         rates = [n / fn(model, n, generator) for _ in range(repeats)]
         rows.append(
